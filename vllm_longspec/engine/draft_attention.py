@@ -1,0 +1,113 @@
+"""The draft's two attentions at serving time, in plain torch (the reference path; CPU and GPU).
+
+* Self-attention: a query sees its request's ring (the committed tokens of the window) plus
+  "extra" keys: the K/V of its speculative ancestors in this step and its own.
+* Cross-attention: a query sees the target's last-layer K/V of its request's committed prefix,
+  read in place from vLLM's paged cache through the block table (no copy is kept).
+
+All math in fp32; outputs in the query dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+           mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched softmax attention with GQA.
+
+    Args:
+        q: [..., n, Hq, D]; k, v: [..., m, Hk, D] with Hq a multiple of Hk.
+        mask: [..., n, m] bool (True = visible) or None.
+    Returns:
+        out [..., n, Hq, D] fp32 (zeros where a query sees nothing) and
+        lse [..., n, Hq] fp32 (-inf where a query sees nothing).
+    """
+    group = q.shape[-2] // k.shape[-2]
+    kf = k.float().repeat_interleave(group, dim=-2)
+    vf = v.float().repeat_interleave(group, dim=-2)
+    scores = torch.einsum("...nhd,...mhd->...hnm", q.float(), kf) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask.unsqueeze(-3), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [..., h, n]
+    probs = torch.exp(scores - lse.unsqueeze(-1).clamp_min(-1e30))
+    probs = torch.nan_to_num(probs, nan=0.0)
+    out = torch.einsum("...hnm,...mhd->...nhd", probs, vf)
+    return out, lse.transpose(-1, -2)
+
+
+def ring_self_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor,
+                        query_rows: torch.Tensor, ring_valid: torch.Tensor,
+                        extra_k: torch.Tensor | None, extra_v: torch.Tensor | None,
+                        scale: float) -> torch.Tensor:
+    """Draft self-attention of N queries.
+
+    Args:
+        q: [N, Hq, D] rotated queries.
+        ring_k, ring_v: [R, W, Hk, D] the ring buffers.
+        query_rows: [N] ring row of each query's request.
+        ring_valid: [N] number of filled slots of that row (slots >= it are empty).
+        extra_k, extra_v: [N, E, Hk, D] K/V of the query's speculative ancestors and itself,
+            or None when the query is a committed token already in its ring (E = 0).
+    Returns:
+        [N, Hq, D] in q's dtype.
+    """
+    window = ring_k.shape[1]
+    keys = ring_k[query_rows]  # [N, W, Hk, D]
+    values = ring_v[query_rows]
+    mask = torch.arange(window, device=q.device)[None, :] < ring_valid[:, None]
+    if extra_k is not None and extra_k.shape[1] > 0:
+        keys = torch.cat([keys, extra_k.to(keys.dtype)], dim=1)
+        values = torch.cat([values, extra_v.to(values.dtype)], dim=1)
+        mask = torch.cat([mask, torch.ones(extra_k.shape[:2], dtype=torch.bool,
+                                           device=q.device)], dim=1)
+    out, _ = attend(q.unsqueeze(1), keys, values, scale, mask.unsqueeze(1))
+    return out.squeeze(1).to(q.dtype)
+
+
+def gather_paged(cache: torch.Tensor, block_row: torch.Tensor, length: int) -> torch.Tensor:
+    """Tokens [0, length) of one request from a paged cache.
+
+    Args:
+        cache: [num_blocks, block_size, Hk, D] (any strides).
+        block_row: [max_blocks] the request's block table row.
+    Returns:
+        [length, Hk, D].
+    """
+    block_size = cache.shape[1]
+    pos = torch.arange(length, device=block_row.device)
+    blocks = block_row[pos // block_size].long().to(cache.device)
+    return cache[blocks, (pos % block_size).to(cache.device)]
+
+
+def paged_prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_table: torch.Tensor, query_req: list[int],
+                           prefix_lens: list[int], scale: float
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-causal attention of each query over its request's cached prefix.
+
+    Args:
+        q: [N, Hq, D].
+        k_cache, v_cache: [num_blocks, block_size, Hk, D] views of the target's paged cache.
+        block_table: [B, max_blocks] block ids per request.
+        query_req: N request indices (into block_table / prefix_lens), grouped contiguously.
+        prefix_lens: B prefix lengths (0 allowed: those queries get zeros and lse -inf).
+    Returns:
+        out [N, Hq, D] fp32 and lse [N, Hq] fp32.
+    """
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+    req_tensor = torch.tensor(query_req, device=q.device)
+    for b, length in enumerate(prefix_lens):
+        if length <= 0:
+            continue
+        idx = (req_tensor == b).nonzero().flatten()
+        if idx.numel() == 0:
+            continue
+        k = gather_paged(k_cache, block_table[b], length)
+        v = gather_paged(v_cache, block_table[b], length)
+        o, l = attend(q[idx], k.to(q.device), v.to(q.device), scale)
+        out[idx] = o
+        lse[idx] = l
+    return out, lse

@@ -1,0 +1,152 @@
+"""Turns the user's LongSpec request into what vLLM understands, before the engine starts.
+
+vLLM's ``SpeculativeConfig.method`` is a closed ``Literal`` and rejects ``"longspec"``; its
+open door for out-of-tree drafters is ``method="custom_class"`` with the proposer's import path
+as ``model``. So ``{"method": "longspec", "model": DRAFT, "num_speculative_tokens": K}`` (or the
+CLI's ``--speculative-model longspec --longspec-draft DRAFT``) becomes
+
+    speculative_config = {"method": "custom_class", "model": PROPOSER_CLASS,
+                          "num_speculative_tokens": <draft tokens per step>}
+    additional_config["longspec"] = LongSpecConfig(...).to_dict()
+
+after every check that can be made without loading weights: options, draft folder, draft
+header, draft-vs-target shapes. A bad request fails here, with a message naming the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from ..config import LongSpecConfig, LongSpecConfigError
+from ..draft.checkpoint import (DraftCheckpointError, check_draft_fits_target, is_draft_folder,
+                                load_draft_header)
+from ..draft.model import DraftArchitecture
+
+PROPOSER_CLASS = "vllm_longspec.engine.proposer.LongSpecProposer"
+METHOD = "longspec"
+_OWN_KEYS = ("method", "model", "num_speculative_tokens")
+
+
+def wants_longspec(spec: dict[str, Any] | None) -> bool:
+    if not spec:
+        return False
+    method, model = spec.get("method"), spec.get("model")
+    if method == METHOD or model == METHOD:
+        return True
+    return method is None and isinstance(model, str) and "/" in model and is_draft_folder(model)
+
+
+def resolve_longspec(spec: dict[str, Any], additional_config: dict[str, Any] | None,
+                     target_hf_config: Any) -> tuple[dict[str, Any], LongSpecConfig]:
+    """Returns (vLLM speculative_config dict, validated LongSpecConfig).
+
+    Raises:
+        LongSpecConfigError / DraftCheckpointError naming the problem.
+    """
+    spec = {k.replace("-", "_"): v for k, v in spec.items()}
+    options = dict((additional_config or {}).get(METHOD) or {})
+    draft = spec.get("model")
+    if draft == METHOD:
+        draft = None  # --speculative-model longspec: the draft comes from --longspec-draft
+    if draft is None and "draft" not in options:
+        raise LongSpecConfigError(
+            "LongSpec needs a draft checkpoint: pass speculative_config['model'] "
+            "(or --longspec-draft) the folder of a LongSpec draft")
+    draft_path = os.path.abspath(os.path.expanduser(draft or options["draft"]))
+    header = load_draft_header(draft_path)
+    if "window" not in options and header.window is not None:
+        options["window"] = header.window
+    config = LongSpecConfig.from_user_options(draft_path, spec.get("num_speculative_tokens"),
+                                              options)
+    check_draft_fits_target(header.arch, DraftArchitecture.from_hf_config(target_hf_config),
+                            draft_path)
+    if config.is_tree:
+        raise LongSpecConfigError(
+            f"tree_widths {list(config.tree_widths)}: token trees are not available in this "
+            "version of vllm-longspec yet; omit tree_widths to speculate with a chain")
+    passthrough = {k: v for k, v in spec.items() if k not in _OWN_KEYS}
+    vllm_spec = {"method": "custom_class", "model": PROPOSER_CLASS,
+                 "num_speculative_tokens": config.num_draft_tokens, **passthrough}
+    return vllm_spec, config
+
+
+def rewrite_engine_args(engine_args: Any, target_model_config: Any) -> None:
+    """In place on vLLM ``EngineArgs``: LongSpec request -> custom_class + additional_config."""
+    spec = engine_args.speculative_config
+    if not wants_longspec(spec):
+        return
+    hf_config = getattr(target_model_config.hf_config, "text_config", None) \
+        or target_model_config.hf_config
+    vllm_spec, config = resolve_longspec(spec, engine_args.additional_config, hf_config)
+    engine_args.speculative_config = vllm_spec
+    engine_args.additional_config = {**(engine_args.additional_config or {}),
+                                     METHOD: config.to_dict()}
+
+
+# ------------------------------------------------------------------------------------ CLI
+CLI_FLAGS = {
+    "--speculative-model": dict(
+        dest="speculative_model", default=None,
+        help="'longspec' (with --longspec-draft) or the folder of a LongSpec draft: speculate "
+             "with LongSpec."),
+    "--longspec-draft": dict(dest="longspec_draft", default=None,
+                             help="Folder of the LongSpec draft checkpoint."),
+    "--num-speculative-tokens": dict(
+        dest="longspec_num_speculative_tokens", type=int, default=None,
+        help="LongSpec: draft tokens per step for a chain (the tree depth with "
+             "--longspec-tree-widths). Default: 4 for a chain, the tree's depth for a tree."),
+    "--longspec-tree-widths": dict(
+        dest="longspec_tree_widths", default=None,
+        help="LongSpec: nodes per tree level, e.g. 4,16,16,16,16 (default: a chain)."),
+    "--longspec-window": dict(dest="longspec_window", type=int, default=None,
+                              help="LongSpec: the draft's sliding window (default: the "
+                                   "draft's own, else 512)."),
+    "--longspec-min-prompt-len": dict(
+        dest="longspec_min_prompt_len", type=int, default=None,
+        help="LongSpec: prompts shorter than this are decoded without speculation."),
+}
+DEFAULT_CHAIN_TOKENS = 4
+
+
+def add_cli_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "LongSpec", "LongSpec speculative decoding (vllm-longspec plugin)")
+    for flag, kwargs in CLI_FLAGS.items():
+        if flag in getattr(parser, "_option_string_actions", {}):
+            continue
+        group.add_argument(flag, **kwargs)
+
+
+def apply_cli_flags(engine_args: Any, args: argparse.Namespace) -> None:
+    """Folds the LongSpec CLI flags into ``EngineArgs`` (vLLM ignores unknown attributes)."""
+    model = getattr(args, "speculative_model", None)
+    lone_flags = [f for f, kw in CLI_FLAGS.items()
+                  if kw["dest"] != "speculative_model" and getattr(args, kw["dest"], None) is not None]
+    if model is None:
+        if lone_flags:
+            raise LongSpecConfigError(
+                f"{', '.join(lone_flags)} need --speculative-model longspec")
+        return
+    if engine_args.speculative_config:
+        raise LongSpecConfigError("--speculative-model and --speculative-config are exclusive")
+    options: dict[str, Any] = dict((engine_args.additional_config or {}).get(METHOD) or {})
+    for dest, key in (("longspec_tree_widths", "tree_widths"), ("longspec_window", "window"),
+                      ("longspec_min_prompt_len", "min_prompt_len")):
+        value = getattr(args, dest, None)
+        if value is not None:
+            options[key] = value
+    draft = getattr(args, "longspec_draft", None)
+    if model != METHOD:
+        if draft is not None and draft != model:
+            raise LongSpecConfigError("--speculative-model PATH and --longspec-draft disagree")
+        draft = model
+    tokens = getattr(args, "longspec_num_speculative_tokens", None)
+    if tokens is None and options.get("tree_widths") is None:
+        tokens = DEFAULT_CHAIN_TOKENS
+    spec: dict[str, Any] = {"method": METHOD, "model": draft}
+    if tokens is not None:
+        spec["num_speculative_tokens"] = tokens
+    engine_args.speculative_config = spec
+    engine_args.additional_config = {**(engine_args.additional_config or {}), METHOD: options}
