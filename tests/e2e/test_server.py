@@ -86,13 +86,30 @@ def _serve(tmp_path, tiny_models, launcher: list[str], name: str) -> dict:
                                 *SERVER_ARGS], str(tmp_path / f"{name}.log"))
     try:
         server.wait_ready()
-        out = _post(server.port, "/v1/completions",
-                    {"model": target, "prompt": "def fibonacci(n):", "max_tokens": 24,
-                     "temperature": 0, "ignore_eos": True})
+        body = {"model": target, "prompt": "def fibonacci(n):", "max_tokens": 24,
+                "temperature": 0, "ignore_eos": True}
+        out = _post(server.port, "/v1/completions", body)
+        _abandon_stream(server.port, dict(body, max_tokens=400, stream=True))
+        again = _post(server.port, "/v1/completions", body)
         metrics = _get(server.port, "/metrics")
     finally:
         server.stop()
-    return {"completion": out, "metrics": metrics, "log": server.tail(200000)}
+    return {"completion": out, "again": again, "metrics": metrics,
+            "log": server.tail(200000)}
+
+
+def _abandon_stream(port: int, body: dict) -> None:
+    """A client that disconnects mid-stream (its request is aborted while speculating)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps(body),
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    for _ in range(3):
+        assert resp.readline()
+    conn.close()
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +133,11 @@ def test_server_answers_completion_with_longspec(served, launcher):
               if l.startswith("vllm:spec_decode_num_drafts_total")]
     assert drafts and float(drafts[0].split()[-1]) > 0, result["log"][-3000:]
     assert "custom_class" in result["log"] or "LongSpec" in result["log"]
+
+
+def test_server_survives_a_client_disconnect(served):
+    for result in served.values():
+        assert result["again"]["choices"][0]["text"] == result["completion"]["choices"][0]["text"]
 
 
 def test_both_launchers_agree(served):
