@@ -1,4 +1,5 @@
-"""A draft trained by `vllm-longspec train` loads in a real vLLM engine and stays lossless."""
+"""A draft trained by `vllm-longspec train` loads in a real vLLM engine and stays lossless;
+`min_prompt_len` turns speculation off for short prompts."""
 
 from __future__ import annotations
 
@@ -46,3 +47,11 @@ def test_trained_draft_runs_losslessly_in_vllm(tmp_path, tiny_models):
                                         "num_speculative_tokens": 3}, **engine)
     assert spec.token_ids == base.token_ids
     assert spec.counters["num_drafts"] > 0
+
+    # min_prompt_len: the 9- and 90-token prompts decode without speculation
+    short_off = generate(target, prompts, max_tokens=24,
+                         speculative_config={"method": "longspec", "model": out,
+                                             "num_speculative_tokens": 3},
+                         additional_config={"longspec": {"min_prompt_len": 100}}, **engine)
+    assert short_off.token_ids == base.token_ids
+    assert 0 < short_off.counters["num_drafts"] < spec.counters["num_drafts"]
