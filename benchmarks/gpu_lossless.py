@@ -42,7 +42,7 @@ def run(target: str, prompts: list[list[int]], max_tokens: int, spec: dict | Non
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_longspec.compat.vllm_api import shutdown_llm, spec_decode_counters
+    from vllm_longspec.compat.vllm_api import shutdown_llm, engine_counters
 
     kwargs: dict[str, Any] = dict(model=target, dtype="bfloat16", max_model_len=32768,
                                   gpu_memory_utilization=0.45, enforce_eager=eager, seed=0,
@@ -60,7 +60,7 @@ def run(target: str, prompts: list[list[int]], max_tokens: int, spec: dict | Non
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
                             use_tqdm=False)
         elapsed = time.perf_counter() - start
-        counters = spec_decode_counters(llm)
+        counters = engine_counters(llm)
     finally:
         shutdown_llm(llm)
         del llm

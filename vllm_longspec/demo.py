@@ -56,7 +56,7 @@ def run_engine(target: str, prompt: list[int], max_tokens: int, max_model_len: i
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from .compat.vllm_api import shutdown_llm, spec_decode_counters
+    from .compat.vllm_api import shutdown_llm, engine_counters
 
     kwargs: dict[str, Any] = dict(model=target, dtype="float32", max_model_len=max_model_len,
                                   max_num_seqs=4, seed=0, enable_prefix_caching=True,
@@ -73,11 +73,11 @@ def run_engine(target: str, prompt: list[int], max_tokens: int, max_model_len: i
         start = time.perf_counter()
         llm.generate(request, one, use_tqdm=False)
         t1 = time.perf_counter() - start
-        before = spec_decode_counters(llm)
+        before = engine_counters(llm)
         start = time.perf_counter()
         out = llm.generate(request, params, use_tqdm=False)[0].outputs[0]
         elapsed = time.perf_counter() - start
-        after = spec_decode_counters(llm)
+        after = engine_counters(llm)
     finally:
         shutdown_llm(llm)
         del llm

@@ -11,20 +11,15 @@ import torch
 
 from vllm_longspec.draft.checkpoint import load_draft_checkpoint
 from vllm_longspec.testing.engines import generate
+from vllm_longspec.testing.fixtures import make_word_corpus
 from vllm_longspec.train.cli import main as train_main
 
 
 def test_trained_draft_runs_losslessly_in_vllm(tmp_path, tiny_models):
     target = tiny_models["qwen"]
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    rng = random.Random(0)
-    words = ["alpha", "beta", "gamma", "delta", "def", "return", "class", "import", "self"]
-    for d in range(20):
-        line = " ".join(rng.choice(words) for _ in range(6)) + "\n"
-        (corpus / f"doc{d}.txt").write_text(line * 10)
+    corpus = make_word_corpus(str(tmp_path / "corpus"), num_docs=20)
     out = str(tmp_path / "draft")
-    rc = train_main(["--target", target, "--data", str(corpus), "--output", out, "--steps", "12",
+    rc = train_main(["--target", target, "--data", corpus, "--output", out, "--steps", "12",
                      "--seq-len", "64", "--batch-size", "4", "--window", "64", "--loss", "distill",
                      "--eval-every", "0", "--eval-tokens", "256", "--no-progress",
                      "--device", "cpu"])

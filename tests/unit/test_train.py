@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from vllm_longspec.draft.checkpoint import build_draft_layer, load_draft_checkpoint
-from vllm_longspec.testing.fixtures import make_tiny_draft, make_tiny_target, make_tokenizer
+from vllm_longspec.testing.fixtures import (make_tiny_draft, make_tiny_target, make_tokenizer,
+                                             make_word_corpus)
 from vllm_longspec.train.attention import (lagged_causal_mask, lagged_cross_attention,
                                            make_cross_attend, make_self_attend,
                                            sliding_window_mask, windowed_self_attention)
@@ -40,15 +41,7 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def corpus(work) -> str:
-    """40 documents, each a random 6-word line repeated: learnable, and documents differ."""
-    folder = work / "corpus"
-    folder.mkdir()
-    rng = random.Random(0)
-    words = ["alpha", "beta", "gamma", "delta", "def", "return", "class", "import", "self", "x"]
-    for d in range(40):
-        line = " ".join(rng.choice(words) for _ in range(6)) + "\n"
-        (folder / f"doc{d:02d}.txt").write_text(line * rng.randint(5, 15))
-    return str(folder)
+    return make_word_corpus(str(work / "corpus"), num_docs=40)
 
 
 @pytest.fixture(scope="module")

@@ -123,23 +123,23 @@ def shutdown_llm(llm: Any) -> None:
         core.shutdown()
 
 
-def spec_decode_counters(llm: Any) -> dict[str, Any]:
-    """vLLM's own speculative-decoding metrics (``LLM.get_metrics()``), summed over engines:
-    num_drafts, num_draft_tokens, num_accepted_tokens, accepted_per_pos; and num_preemptions."""
+def engine_counters(llm: Any) -> dict[str, Any]:
+    """vLLM's own counters (``LLM.get_metrics()``), summed over engines: the speculative
+    decoding ones (num_drafts, num_draft_tokens, num_accepted_tokens, accepted_per_pos,
+    mean_acceptance_length) and num_preemptions."""
     out: dict[str, Any] = {"num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0,
                            "accepted_per_pos": [], "num_preemptions": 0}
     for metric in llm.get_metrics():
-        name = metric.name.removeprefix("vllm:spec_decode_")
         if metric.name.startswith("vllm:num_preemptions"):
-            name = "vllm:num_preemptions"
+            out["num_preemptions"] += int(metric.value)
+            continue
+        name = metric.name.removeprefix("vllm:spec_decode_")
         if name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
             out[name] += int(metric.value)
         elif name == "num_accepted_tokens_per_pos":
             values = [int(v) for v in metric.values]
             acc = out["accepted_per_pos"]
             out["accepted_per_pos"] = [a + b for a, b in zip(acc, values)] if acc else values
-        elif name == "vllm:num_preemptions":
-            out["num_preemptions"] = out.get("num_preemptions", 0) + int(metric.value)
     drafts = out["num_drafts"]
     out["mean_acceptance_length"] = 1 + out["num_accepted_tokens"] / drafts if drafts else 1.0
     return out

@@ -25,7 +25,7 @@ def generate(target: str, prompts: list[list[int]], *, max_tokens: int = 32,
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from ..compat.vllm_api import shutdown_llm, spec_decode_counters
+    from ..compat.vllm_api import shutdown_llm, engine_counters
 
     # Eager: torch.compile would cost each test engine a minute on a 2-core machine.
     kwargs: dict[str, Any] = dict(model=target, dtype="float32", seed=0, enforce_eager=True,
@@ -42,7 +42,7 @@ def generate(target: str, prompts: list[list[int]], *, max_tokens: int = 32,
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
                             use_tqdm=False)
         token_ids = [list(c.token_ids) for o in outs for c in o.outputs]
-        counters = spec_decode_counters(llm)
+        counters = engine_counters(llm)
     finally:
         shutdown_llm(llm)
         del llm

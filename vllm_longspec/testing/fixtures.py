@@ -111,3 +111,19 @@ def make_tiny_draft(folder: str, target_folder: str, *, seed: int = 1,
     layer = init_draft_weights(LongSpecDraftLayer(arch), seed=seed, std=init_std,
                                zero_outputs=zero_outputs)
     return save_draft_checkpoint(layer, folder, window=window, target_config=target_config)
+
+
+def make_word_corpus(folder: str, num_docs: int, seed: int = 0,
+                     repeats: tuple[int, int] = (5, 15)) -> str:
+    """Text documents for training tests: each a random 6-word line repeated (learnable, and
+    documents differ)."""
+    import random
+
+    os.makedirs(folder, exist_ok=True)
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "def", "return", "class", "import", "self", "x"]
+    for d in range(num_docs):
+        line = " ".join(rng.choice(words) for _ in range(6)) + "\n"
+        with open(os.path.join(folder, f"doc{d:02d}.txt"), "w", encoding="utf-8") as f:
+            f.write(line * rng.randint(*repeats))
+    return folder
