@@ -4,21 +4,35 @@ Shape: 32 query heads, 8 KV heads, head dim 128, bf16, paged KV blocks of 16 (vL
 FlashAttention layout). For every batch (1, 8) x context (8k, 32k, 128k) x tree (1, 16, 69, 128
 nodes) it times, median over many runs (triton.testing.do_bench, L2 flushed between runs):
 
-  hybrid          FlashAttention over the paged prefix + Triton tree kernel with the fused merge
-  hybrid_unfused  same, with a separate merge kernel
+  hybrid          hybrid_tree_attention as it runs by default on Hopper: FlashAttention-3 over the
+                  paged prefix (FA3's own num_splits) + Triton tree kernel with the fused merge
+  hybrid_fa_tuned the same with fa_num_splits_heuristic's num_splits for FA3
+  hybrid_triton   the split-KV Triton prefix kernel (paged_prefix_attention, its heuristic tiles
+                  and splits) + the tree kernel
+  hybrid_unfused  like hybrid, with a separate merge kernel
   tree            the Triton tree kernel alone (the tree part's cost)
-  fa_prefix       (a) FlashAttention over the prefix alone, return_softmax_lse=True -- the floor
-                  hybrid can reach with this prefix kernel
+  fa_prefix       (a) FlashAttention over the prefix alone, return_softmax_lse=True (num_splits=0)
+  fa_prefix_tuned FA3 over the prefix with fa_num_splits_heuristic's num_splits
+  triton_prefix   paged_prefix_attention alone (heuristic config)
   fa_causal       FlashAttention over prefix + the same number of tokens as a causal chain
                   (what verifying a chain of that length costs; no tree mask)
   sdpa_masked     (b) torch SDPA with an explicit [prefix | tree] boolean mask on K/V gathered and
                   GQA-expanded beforehand (gathering is not timed; skipped when it would not fit)
   hbm_floor       (c) bytes of one layer's K and V of the batch / 3.0 TB/s
+  compute_floor   the useful attention FLOPs (4 * B * Hq * nodes * context * D) / 989 TFLOP/s
+                  (H100 SXM dense bf16 peak); at 69+ nodes the prefix is compute-bound, not
+                  memory-bound; roofline_floor = max(hbm_floor, compute_floor)
+
+--prefix-sweep also times FA3 at num_splits 1, 2, 4, 8, 16, 32 and the Triton prefix kernel over
+prefix_attn_sweep_configs() (short do_bench budget), and reports the best of each per shape
+(fa_prefix_best, triton_prefix_best, with the winning setting).
 
 Writes a table to stdout, bench_tree_attention.json and bench_tree_attention.png to --out.
 
     source /tmp/vllm-env.sh
     python benchmarks/bench_tree_attention.py --check --out bench_out
+    python benchmarks/bench_tree_attention.py --check --prefix-sweep --rep-ms 100 \
+        --out benchmarks/results/h100-2026-11-23b                  # the 2026-11-23b run
     python -m vllm_longspec_benchmarks.bench_tree_attention --check   # when installed
     python benchmarks/bench_tree_attention.py --check-only          # correctness only
     python benchmarks/bench_tree_attention.py --sweep               # tree-kernel tile sweep
@@ -62,6 +76,7 @@ K = _import_kernels()
 HQ, HK, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
 HBM_BYTES_PER_S = 3.0e12
+PEAK_FLOPS = 989e12          # H100 SXM dense bf16 tensor-core peak
 MIB = 1 << 20
 
 
@@ -189,6 +204,11 @@ def hbm_floor_ms(batch: int, context: int, num_nodes: int) -> float:
     return kv_bytes / HBM_BYTES_PER_S * 1e3
 
 
+def compute_floor_ms(batch: int, context: int, num_nodes: int) -> float:
+    flops = 4 * batch * HQ * num_nodes * (context + num_nodes / 2) * HEAD_DIM
+    return flops / PEAK_FLOPS * 1e3
+
+
 def sdpa_bytes(batch: int, context: int, num_nodes: int) -> int:
     keys = context + num_nodes
     kv = 2 * batch * HQ * keys * HEAD_DIM * DTYPE.itemsize         # GQA-expanded K and V
@@ -215,12 +235,24 @@ def build_methods(cache: PagedBatch, tree: dict, num_nodes: int, args) -> dict:
                   max_prefix_len=ctx, prefix_backend="flash" if has_fa else "torch",
                   fa_version=args.fa_version, tree_autotune=args.autotune)
     out = torch.empty_like(tree["q"])
+    fa_splits = K.fa_num_splits_heuristic(b, num_nodes, ctx, HQ, HK) if has_fa else 0
+    triton_cfg = K.default_prefix_attn_config(b, num_nodes, ctx, HQ, HK, HEAD_DIM, DTYPE)
+    prefix_args = (tree["q"], cache.k_cache, cache.v_cache, cache.block_table, prefix_lens,
+                   tree["cu_seqlens"], scale)
     methods = {
-        "hybrid": lambda: K.hybrid_tree_attention(**common, out=out, fuse_merge=True),
-        "hybrid_unfused": lambda: K.hybrid_tree_attention(**common, out=out, fuse_merge=False),
+        "hybrid": lambda: K.hybrid_tree_attention(**common, out=out, fuse_merge=True,
+                                                  fa_num_splits=0),
+        "hybrid_fa_tuned": lambda: K.hybrid_tree_attention(**common, out=out,
+                                                           fa_num_splits=fa_splits),
+        "hybrid_triton": lambda: K.hybrid_tree_attention(**dict(common, prefix_backend="triton"),
+                                                         out=out, prefix_config=triton_cfg),
+        "hybrid_unfused": lambda: K.hybrid_tree_attention(**common, out=out, fuse_merge=False,
+                                                          fa_num_splits=0),
         "tree": lambda: K.tree_attention(tree["q"], tree["tree_k"], tree["tree_v"],
                                          tree["cu_seqlens"], tree["tree_mask"], scale,
                                          max_seqlen=num_nodes, autotune=args.autotune),
+        "triton_prefix": lambda: K.paged_prefix_attention(
+            *prefix_args, max_seqlen_q=num_nodes, max_prefix_len=ctx, config=triton_cfg),
     }
     if not has_fa:
         return methods
@@ -229,16 +261,49 @@ def build_methods(cache: PagedBatch, tree: dict, num_nodes: int, args) -> dict:
     fa_version = args.fa_version or K.default_fa_version(device.index or 0)
     chain_lens = torch.full((b,), ctx + num_nodes, dtype=torch.int32, device=device)
 
-    def fa(seqused, max_k, causal):
+    def fa(seqused, max_k, causal, num_splits=0):
+        extra = {"num_splits": num_splits} if num_splits and fa_version == 3 else {}
         return lambda: flash_attn_varlen_func(
             q=tree["q"], k=cache.k_cache, v=cache.v_cache, max_seqlen_q=num_nodes,
             cu_seqlens_q=tree["cu_seqlens"], max_seqlen_k=max_k, seqused_k=seqused,
             block_table=cache.block_table, softmax_scale=scale, causal=causal,
-            return_softmax_lse=True, fa_version=fa_version)
+            return_softmax_lse=True, fa_version=fa_version, **extra)
 
     methods["fa_prefix"] = fa(prefix_lens, ctx, False)
+    methods["fa_prefix_tuned"] = fa(prefix_lens, ctx, False, fa_splits)
     methods["fa_causal"] = fa(chain_lens, ctx + num_nodes, True)
+    methods["_fa_split"] = lambda s: fa(prefix_lens, ctx, False, s)   # for --prefix-sweep
+    methods["_settings"] = dict(fa_num_splits=fa_splits, triton_config=triton_cfg.short())
+    methods["_triton_cfg"] = triton_cfg
+    methods["_prefix_args"] = prefix_args
     return methods
+
+
+def prefix_sweep(methods: dict, num_nodes: int, ctx: int, args, device: str) -> dict:
+    """FA3 num_splits and Triton prefix configs, timed with a short do_bench budget."""
+    rep = max(10, args.rep_ms // 5)
+    res: dict = {"fa_splits_ms": {}, "triton_ms": {}}
+    if "_fa_split" in methods:
+        for s in (0, 1, 2, 4, 8, 16, 32):
+            try:
+                res["fa_splits_ms"][str(s)] = time_ms(methods["_fa_split"](s), rep, device)
+            except Exception as exc:  # noqa: BLE001
+                res["fa_splits_ms"][str(s)] = f"ERR {type(exc).__name__}"
+    base = methods.get("_triton_cfg")
+    if base is not None:
+        for cfg in K.prefix_attn_sweep_configs(base):
+            fn = lambda c=cfg: K.paged_prefix_attention(  # noqa: E731
+                *methods["_prefix_args"], max_seqlen_q=num_nodes, max_prefix_len=ctx, config=c)
+            try:
+                res["triton_ms"][cfg.short()] = time_ms(fn, rep, device)
+            except Exception as exc:  # noqa: BLE001 - some tiles may not compile/fit
+                res["triton_ms"][cfg.short()] = f"ERR {type(exc).__name__}"
+    for key, name in (("fa_splits_ms", "fa_prefix_best"), ("triton_ms", "triton_prefix_best")):
+        timed = {k: v for k, v in res[key].items() if isinstance(v, float)}
+        if timed:
+            best = min(timed, key=timed.get)
+            res[f"{name}_ms"], res[f"{name}_setting"] = timed[best], best
+    return res
 
 
 def build_sdpa(cache: PagedBatch, tree: dict, num_nodes: int):
@@ -313,17 +378,26 @@ def run_check(device: str, fa_version: int | None) -> bool:
                     cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device),
                     tree_mask=K.build_tree_mask(parents, device=device), softmax_scale=d ** -0.5)
         ref_out, ref_lse = K.hybrid_tree_attention_ref(**args)
-        for fuse in (True, False):
+        variants = [(fuse, "flash", None, None) for fuse in (True, False)] + [
+            (True, "flash", 3, None), (True, "triton", None, None), (False, "triton", None, None),
+            (True, "triton", None, K.PrefixAttnConfig(64, 64, 4, 3, 5)),
+            (True, "triton", None, K.PrefixAttnConfig(16, 128, 4, 3, 1))]
+        for fuse, backend, splits, pcfg in variants:
+            if backend == "flash" and not K.flash_attn_available():
+                backend = "torch"
             out = torch.full_like(args["q"], float("nan"))
             out, lse = K.hybrid_tree_attention(**args, out=out, return_lse=True, fuse_merge=fuse,
-                                               fa_version=fa_version)
+                                               fa_version=fa_version, prefix_backend=backend,
+                                               fa_num_splits=splits, prefix_config=pcfg)
             err = (out.double() - ref_out).abs().max().item()
             lse_err = (lse.double() - ref_lse).abs().max().item()
             finite = bool(torch.isfinite(out).all() and torch.isfinite(lse).all())
             passed = finite and err <= tol[dtype][0] and lse_err <= tol[dtype][1]
             ok &= passed
-            print(f"check hybrid case {ci} Hq={hq} Hk={hk} D={d} {str(dtype)[6:]} fuse={fuse}: "
-                  f"max|out err|={err:.2e} max|lse err|={lse_err:.2e} finite={finite} "
+            what = f"prefix={backend}" + (f" splits={splits}" if splits else "") + (
+                f" cfg={pcfg.short()}" if pcfg else "")
+            print(f"check hybrid case {ci} Hq={hq} Hk={hk} D={d} {str(dtype)[6:]} fuse={fuse} "
+                  f"{what}: max|out err|={err:.2e} max|lse err|={lse_err:.2e} finite={finite} "
                   f"{'PASS' if passed else 'FAIL'}")
 
     # Merge with empty sides and garbage outputs.
@@ -364,7 +438,36 @@ def run_check(device: str, fa_version: int | None) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-METHODS = ["hybrid", "hybrid_unfused", "tree", "fa_prefix", "fa_causal", "sdpa_masked"]
+METHODS = ["hybrid", "hybrid_fa_tuned", "hybrid_triton", "hybrid_unfused", "tree", "fa_prefix",
+           "fa_prefix_tuned", "triton_prefix", "fa_causal", "sdpa_masked"]
+TABLE = ["hybrid_ms", "hybrid_fa_tuned_ms", "hybrid_triton_ms", "fa_prefix_ms",
+         "fa_prefix_tuned_ms", "triton_prefix_ms", "fa_prefix_best_ms", "triton_prefix_best_ms",
+         "sdpa_masked_ms", "hbm_floor_ms", "roofline_floor_ms", "sdpa/hybrid", "hybrid/floor",
+         "hybrid/roofline"]
+
+
+def add_ratios(row: dict) -> None:
+    """Ratios of the default hybrid (FA3 prefix) to its baselines and floors, and of each prefix
+    variant to FA3 over the prefix with its own num_splits."""
+    new = {k: row[f"{k}_ms"] for k in ("hybrid", "hybrid_fa_tuned", "hybrid_triton")
+           if isinstance(row.get(f"{k}_ms"), float)}
+    if new:
+        best = min(new, key=new.get)
+        row["fastest_hybrid"], row["fastest_hybrid_ms"] = best, new[best]
+    row["roofline_floor_ms"] = max(row["hbm_floor_ms"], row["compute_floor_ms"])
+    for key, num, den in (("hybrid/fa_prefix", "hybrid_ms", "fa_prefix_ms"),
+                          ("hybrid/floor", "hybrid_ms", "hbm_floor_ms"),
+                          ("hybrid/roofline", "hybrid_ms", "roofline_floor_ms"),
+                          ("sdpa/hybrid", "sdpa_masked_ms", "hybrid_ms"),
+                          ("hybrid_triton/hybrid", "hybrid_triton_ms", "hybrid_ms"),
+                          ("hybrid_fa_tuned/hybrid", "hybrid_fa_tuned_ms", "hybrid_ms"),
+                          ("triton_prefix/fa_prefix", "triton_prefix_ms", "fa_prefix_ms"),
+                          ("fa_prefix_tuned/fa_prefix", "fa_prefix_tuned_ms", "fa_prefix_ms"),
+                          ("fa_prefix_best/fa_prefix", "fa_prefix_best_ms", "fa_prefix_ms"),
+                          ("triton_prefix_best/fa_prefix", "triton_prefix_best_ms",
+                           "fa_prefix_ms")):
+        if isinstance(row.get(num), float) and isinstance(row.get(den), float):
+            row[key] = row[num] / row[den]
 
 
 def fmt(v) -> str:
@@ -372,15 +475,19 @@ def fmt(v) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = ["batch", "context", "tree"] + [f"{m}_ms" for m in METHODS] + [
-        "hbm_floor_ms", "hybrid/fa_prefix", "hybrid/floor"]
-    widths = [max(len(c), 8) for c in cols]
-    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    cols = ["batch", "context", "tree"] + [c for c in TABLE if any(c in r for r in rows)]
+    widths = [max(len(c.replace("_ms", "")), 7) for c in cols]
+    print("times in ms; hybrid = the default (FA3 prefix, its own num_splits); *_best = fastest "
+          "swept setting; floor = HBM floor; roofline = max(HBM, compute floor)")
+    print("  ".join(c.replace("_ms", "").rjust(w) for c, w in zip(cols, widths)))
     for r in rows:
         print("  ".join(fmt(r.get(c, "-")).rjust(w) for c, w in zip(cols, widths)))
 
 
 def plot(rows: list[dict], path: str) -> bool:
+    """Top: ms per layer vs context (hybrid solid, hybrid with the Triton prefix dash-dot, FA3
+    prefix alone dashed, masked SDPA dotted, HBM floor black). Bottom: prefix speed-up over FA3
+    (num_splits=0) per shape: the tuned FA3 call, the Triton kernel, the best swept settings."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -390,7 +497,7 @@ def plot(rows: list[dict], path: str) -> bool:
         return False
     batches = sorted({r["batch"] for r in rows})
     trees = sorted({r["tree"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(6.5 * len(batches), 4.8), squeeze=False)
+    fig, axes = plt.subplots(2, len(batches), figsize=(7 * len(batches), 9.5), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, b in zip(axes[0], batches):
         for i, t in enumerate(trees):
@@ -398,6 +505,7 @@ def plot(rows: list[dict], path: str) -> bool:
                          key=lambda r: r["context"])
             xs = [r["context"] for r in sel]
             for key, style, label in (("hybrid_ms", "-o", f"hybrid, {t} nodes"),
+                                      ("hybrid_triton_ms", "-.", None),
                                       ("fa_prefix_ms", "--", None),
                                       ("sdpa_masked_ms", ":x", None)):
                 pts = [(x, r[key]) for x, r in zip(xs, sel) if isinstance(r.get(key), float)]
@@ -410,13 +518,64 @@ def plot(rows: list[dict], path: str) -> bool:
         ax.set_yscale("log")
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel("ms per layer")
-        ax.set_title(f"batch {b}  (dashed: FA prefix only, dotted x: masked SDPA)")
+        ax.set_title(f"batch {b}: solid hybrid (FA3 prefix), dash-dot hybrid (Triton prefix),\n"
+                     "dashed FA3 prefix alone, dotted x masked SDPA", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
+    for ax, b in zip(axes[1], batches):
+        sel = sorted((r for r in rows if r["batch"] == b), key=lambda r: (r["context"], r["tree"]))
+        labels = [f"{r['context'] // 1024}k/{r['tree']}" for r in sel]
+        series = [("fa_prefix_tuned_ms", "FA3 fa_num_splits_heuristic"),
+                  ("triton_prefix_ms", "Triton split-KV (heuristic config)"),
+                  ("fa_prefix_best_ms", "FA3 best swept num_splits"),
+                  ("triton_prefix_best_ms", "Triton best swept config")]
+        series = [(k, n) for k, n in series if any(isinstance(r.get(k), float) for r in sel)]
+        width = 0.8 / max(1, len(series))
+        for j, (key, name) in enumerate(series):
+            ys = [r["fa_prefix_ms"] / r[key] if isinstance(r.get(key), float)
+                  and isinstance(r.get("fa_prefix_ms"), float) else 0.0 for r in sel]
+            ax.bar([i + j * width for i in range(len(sel))], ys, width, label=name,
+                   color=colors[j % len(colors)])
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sel))])
+        ax.set_xticklabels(labels, rotation=60, fontsize=7)
+        ax.set_ylabel("prefix speed-up vs FA3 (num_splits=0)")
+        ax.set_title(f"batch {b}: prefix kernels (context/tree nodes)", fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
     fig.suptitle("Hybrid tree attention, Llama-3-8B layer (32q/8kv heads, d=128, bf16)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return True
+
+
+RATIO_KEYS = ("best_hybrid", "best_hybrid_ms", "best/old", "sdpa/best", "sdpa/old", "best/floor",
+              "best/roofline")   # written by the 2026-11-23b run's first version of this script
+
+
+def replot(path: str) -> int:
+    """Re-derives ratios, table and PNG from a saved bench_tree_attention.json (in place).
+    Rows of the 2026-11-23b run call the FA3-with-fa_num_splits_heuristic hybrid "hybrid_auto"
+    (then the default of hybrid_tree_attention): renamed to "hybrid_fa_tuned"."""
+    with open(path) as f:
+        data = json.load(f)
+    for row in data["rows"]:
+        if "hybrid_auto_ms" in row:
+            row["hybrid_fa_tuned_ms"] = row.pop("hybrid_auto_ms")
+        for key in RATIO_KEYS:
+            row.pop(key, None)
+        add_ratios(row)
+    data["meta"]["methods"] = {"hybrid": "FA3 prefix, num_splits=0 (FA3's own): the default",
+                               "hybrid_fa_tuned": "FA3 prefix, fa_num_splits_heuristic",
+                               "hybrid_triton": "Triton split-KV prefix (its heuristic config)"}
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    print_table(data["rows"])
+    png = os.path.join(os.path.dirname(path), "bench_tree_attention.png")
+    if plot(data["rows"], png):
+        print(f"wrote {path} and {png}")
+    return 0
 
 
 def run_sweep(args, device: str) -> None:
@@ -462,10 +621,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip SDPA when its estimated bytes exceed this fraction of free")
     parser.add_argument("--autotune", action="store_true", help="triton.autotune the tree kernel")
     parser.add_argument("--sweep", action="store_true", help="time every tree-kernel tile config")
+    parser.add_argument("--prefix-sweep", action="store_true",
+                        help="also time FA3 num_splits 1..32 and Triton prefix configs per shape")
     parser.add_argument("--fa-version", type=int, default=None)
+    parser.add_argument("--replot", metavar="JSON", default=None,
+                        help="only re-derive ratios, table and PNG of a saved result (no GPU)")
     parser.add_argument("--device", default="cuda",
                         help="'cpu' = plumbing dry run at tiny sizes (needs TRITON_INTERPRET=1)")
     args = parser.parse_args(argv)
+    if args.replot:
+        return replot(args.replot)
 
     device = args.device
     if device.startswith("cuda"):
@@ -511,6 +676,30 @@ def main(argv: list[str] | None = None) -> int:
 
     os.makedirs(args.out, exist_ok=True)
     rows, skipped = [], []
+    meta = dict(
+        device=device_name, torch=torch.__version__,
+        triton=__import__("triton").__version__, python=platform.python_version(),
+        prefix_kernel=fa_desc,
+        tree_tiles=asdict(K.default_tree_attn_config(HEAD_DIM, DTYPE)), autotune=args.autotune,
+        shape=dict(num_q_heads=HQ, num_kv_heads=HK, head_dim=HEAD_DIM, dtype=str(DTYPE),
+                   block_size=BLOCK_SIZE),
+        hbm_bytes_per_s=HBM_BYTES_PER_S, peak_flops=PEAK_FLOPS,
+        num_sms=K.num_sms() if device.startswith("cuda") else None,
+        fa_splits_rule="fa_num_splits_heuristic (0 = FA3's own)",
+        timing="triton.testing.do_bench median" if device.startswith("cuda") else "cpu dry run",
+        time=time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
+    try:
+        import vllm
+        meta["vllm"] = vllm.__version__
+    except Exception:  # noqa: BLE001
+        pass
+    json_path = os.path.join(args.out, "bench_tree_attention.json")
+
+    def save() -> None:   # after every shape, so a run cut short still leaves its rows
+        with open(json_path, "w") as f:
+            json.dump(dict(meta=meta, rows=rows, skipped=skipped), f, indent=1)
+
     configs = [(b, c, n) for b in args.batches for c in args.contexts for n in args.trees]
     bar = tqdm(total=len(configs), desc="configs")
     for b in args.batches:
@@ -527,9 +716,12 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             for n in args.trees:
                 row = dict(batch=b, context=ctx, tree=n,
-                           hbm_floor_ms=hbm_floor_ms(b, ctx, n))
+                           hbm_floor_ms=hbm_floor_ms(b, ctx, n),
+                           compute_floor_ms=compute_floor_ms(b, ctx, n))
                 tree = make_tree_inputs(b, n, device, seed=n)
                 methods = build_methods(cache, tree, n, args)
+                helpers = {k: methods.pop(k) for k in list(methods) if k.startswith("_")}
+                row.update(helpers.get("_settings", {}))
                 free = free_bytes(device)
                 if args.no_sdpa:
                     row["sdpa_masked_ms"] = "off"
@@ -553,11 +745,13 @@ def main(argv: list[str] | None = None) -> int:
                         skipped.append(f"batch {b} ctx {ctx} tree {n}: {name} "
                                        f"{type(exc).__name__}: {str(exc)[:120]}")
                     empty_cache()
-                for key, base in (("hybrid/fa_prefix", "fa_prefix_ms"),
-                                  ("hybrid/floor", "hbm_floor_ms")):
-                    if isinstance(row.get("hybrid_ms"), float) and isinstance(row.get(base), float):
-                        row[key] = row["hybrid_ms"] / row[base]
+                methods.pop("sdpa_masked", None)
+                if args.prefix_sweep:
+                    row.update(prefix_sweep(helpers, n, ctx, args, device))
+                    empty_cache()
+                add_ratios(row)
                 rows.append(row)
+                save()
                 del methods, tree
                 empty_cache()
                 bar.update(1)
@@ -570,25 +764,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nskipped / failed:")
         for s in skipped:
             print(f"  {s}")
-    meta = dict(
-        device=device_name, torch=torch.__version__,
-        triton=__import__("triton").__version__, python=platform.python_version(),
-        prefix_kernel=fa_desc,
-        tree_tiles=asdict(K.default_tree_attn_config(HEAD_DIM, DTYPE)), autotune=args.autotune,
-        shape=dict(num_q_heads=HQ, num_kv_heads=HK, head_dim=HEAD_DIM, dtype=str(DTYPE),
-                   block_size=BLOCK_SIZE),
-        hbm_bytes_per_s=HBM_BYTES_PER_S,
-        timing="triton.testing.do_bench median" if device.startswith("cuda") else "cpu dry run",
-        time=time.strftime("%Y-%m-%d %H:%M:%S"),
-    )
-    try:
-        import vllm
-        meta["vllm"] = vllm.__version__
-    except Exception:  # noqa: BLE001
-        pass
-    json_path = os.path.join(args.out, "bench_tree_attention.json")
-    with open(json_path, "w") as f:
-        json.dump(dict(meta=meta, rows=rows, skipped=skipped), f, indent=1)
+    save()
     png_path = os.path.join(args.out, "bench_tree_attention.png")
     wrote_png = plot(rows, png_path)
     print(f"\nwrote {json_path}" + (f" and {png_path}" if wrote_png else ""))

@@ -3,12 +3,14 @@
 * ``tree_attention``  -- Triton tree-masked varlen attention (+ optional fused prefix merge).
 * ``merge``           -- exact LSE merge of two partial attentions.
 * ``kv_compaction``   -- one-launch, all-layer copy of accepted-path K/V inside paged caches.
-* ``hybrid``          -- prefix (FlashAttention / torch) + tree + merge.
+* ``prefix_attention`` -- split-KV, GQA-packed paged prefix attention for few queries.
+* ``hybrid``          -- prefix (FlashAttention / Triton split-KV / torch) + tree + merge.
 
 Every kernel has a pure-torch reference next to it (``*_ref``).
 """
 
 from .hybrid import (
+    choose_prefix_backend,
     default_fa_version,
     flash_attn_available,
     hybrid_tree_attention,
@@ -23,6 +25,14 @@ from .kv_compaction import (
     split_kv_cache,
 )
 from .merge import merge_attn_states, merge_attn_states_ref
+from .prefix_attention import (
+    PrefixAttnConfig,
+    default_prefix_attn_config,
+    fa_num_splits_heuristic,
+    num_sms,
+    paged_prefix_attention,
+    prefix_attn_sweep_configs,
+)
 from .tree_attention import (
     TreeAttnConfig,
     build_tree_mask,
@@ -38,20 +48,27 @@ from .tree_attention import (
 
 __all__ = [
     "KVCacheTable",
+    "PrefixAttnConfig",
     "TreeAttnConfig",
     "build_kv_cache_table",
     "build_tree_mask",
+    "choose_prefix_backend",
     "compact_kv_caches",
     "compact_kv_caches_ref",
     "default_fa_version",
+    "default_prefix_attn_config",
     "default_tree_attn_config",
+    "fa_num_splits_heuristic",
     "flash_attn_available",
     "hybrid_tree_attention",
     "hybrid_tree_attention_ref",
     "is_triton_interpret",
     "merge_attn_states",
     "merge_attn_states_ref",
+    "num_sms",
+    "paged_prefix_attention",
     "paged_prefix_attention_torch",
+    "prefix_attn_sweep_configs",
     "split_kv_cache",
     "tree_attention",
     "tree_attention_ref",

@@ -6,9 +6,10 @@ For every tree token of request ``b``::
          + tree K/V of b   (tree_k/tree_v, visible per tree_mask)
     out  = softmax(q K^T * scale) V over those keys
 
-computed as two partial attentions -- FlashAttention over the paged prefix (``return_softmax_lse``)
-and the Triton tree kernel -- combined by their LSEs (fused into the tree kernel by default).
-On CPU, or without vLLM's FlashAttention, the prefix part is pure torch.
+computed as two partial attentions -- the paged prefix (FlashAttention with ``return_softmax_lse``,
+or this package's split-KV Triton kernel ``paged_prefix_attention``) and the Triton tree kernel --
+combined by their LSEs (fused into the tree kernel by default). On CPU without the Triton
+interpreter the prefix part is pure torch.
 
 A request with ``prefix_lens[b] == 0`` is tree-only; a plain decode is a 1-node tree; a prefill
 chunk is a causal chain (see ``tree_attention``'s mask rules) -- all may share one batch.
@@ -22,6 +23,7 @@ from typing import Literal
 import torch
 
 from .merge import merge_attn_states
+from .prefix_attention import PrefixAttnConfig, paged_prefix_attention, paged_prefix_attention_torch
 from .tree_attention import (
     TreeAttnConfig,
     is_triton_interpret,
@@ -31,6 +33,7 @@ from .tree_attention import (
 )
 
 __all__ = [
+    "choose_prefix_backend",
     "default_fa_version",
     "flash_attn_available",
     "hybrid_tree_attention",
@@ -38,7 +41,7 @@ __all__ = [
     "paged_prefix_attention_torch",
 ]
 
-PrefixBackend = Literal["auto", "flash", "torch"]
+PrefixBackend = Literal["auto", "flash", "triton", "torch"]
 TreeBackend = Literal["auto", "triton", "torch"]
 
 
@@ -73,71 +76,39 @@ def default_fa_version(device_index: int = 0) -> int:
     return 2
 
 
+def choose_prefix_backend(q: torch.Tensor) -> str:
+    """The prefix kernel ``prefix_backend="auto"`` uses for queries ``q``.
+
+    On CUDA: FlashAttention (FA3 on Hopper) when vLLM's FlashAttention imports, else the Triton
+    split-KV kernel. On CPU: Triton under ``TRITON_INTERPRET=1``, else torch.
+
+    Measured on an H100 (benchmarks/results/h100-2026-11-23b, Llama-3-8B layer shape): the Triton
+    kernel matches FA3 where the prefix is memory-bound (1-16 tree nodes at 128k: within 6 %) and is
+    2-2.5x slower where it is compute-bound (69-128 nodes x 4 query heads per KV head), so FA3
+    stays the choice whenever it is there.
+    """
+    if q.is_cuda:
+        return "flash" if flash_attn_available() else "triton"
+    return "triton" if is_triton_interpret() else "torch"
+
+
 def _flash_prefix_attention(q, k_cache, v_cache, block_table, prefix_lens, cu_seqlens,
-                            max_seqlen_q, max_prefix_len, scale, fa_version):
+                            max_seqlen_q, max_prefix_len, scale, fa_version, num_splits=0):
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
     if fa_version is None:
         fa_version = default_fa_version(q.device.index or 0)
+    extra = {"num_splits": num_splits} if num_splits and fa_version == 3 else {}
     out, lse = flash_attn_varlen_func(
         q=q, k=k_cache, v=v_cache,
         max_seqlen_q=max_seqlen_q, cu_seqlens_q=cu_seqlens,
         max_seqlen_k=max_prefix_len, seqused_k=prefix_lens,
         block_table=block_table, softmax_scale=scale, causal=False,
-        return_softmax_lse=True, fa_version=fa_version,
+        return_softmax_lse=True, fa_version=fa_version, **extra,
     )
     if lse.shape != (q.shape[1], q.shape[0]):
         raise RuntimeError(f"unexpected FlashAttention LSE shape {tuple(lse.shape)}, "
                            f"expected (num_heads, total_tokens) = {(q.shape[1], q.shape[0])}")
-    return out, lse
-
-
-def paged_prefix_attention_torch(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    prefix_lens: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    softmax_scale: float | None = None,
-    *,
-    compute_dtype: torch.dtype = torch.float32,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-causal attention of each request's queries over its paged prefix (pure torch).
-
-    Arguments: as in ``hybrid_tree_attention`` (``k_cache``/``v_cache`` may have any strides).
-        compute_dtype: math and output dtype.
-
-    Return:
-        out: (total_tokens, Hq, head_dim) in ``compute_dtype``; 0 for requests without prefix.
-        lse: (Hq, total_tokens) in ``compute_dtype``; ``-inf`` for requests without prefix.
-    """
-    total, hq, d = q.shape
-    hk = k_cache.shape[2]
-    gqa = hq // hk
-    bs = k_cache.shape[1]
-    if softmax_scale is None:
-        softmax_scale = d ** -0.5
-    out = torch.zeros(total, hq, d, dtype=compute_dtype, device=q.device)
-    lse = torch.full((hq, total), float("-inf"), dtype=compute_dtype, device=q.device)
-    cu = cu_seqlens.tolist()
-    lens = prefix_lens.tolist()
-    for b, plen in enumerate(lens):
-        s, e = cu[b], cu[b + 1]
-        n = e - s
-        if n == 0 or plen == 0:
-            continue
-        nblk = (plen + bs - 1) // bs
-        blocks = block_table[b, :nblk].long()
-        kb = k_cache[blocks].reshape(nblk * bs, hk, d)[:plen].to(compute_dtype)   # [L, Hk, D]
-        vb = v_cache[blocks].reshape(nblk * bs, hk, d)[:plen].to(compute_dtype)
-        qb = q[s:e].to(compute_dtype).reshape(n, hk, gqa, d).permute(1, 2, 0, 3)
-        qb = qb.reshape(hk, gqa * n, d)                                             # [Hk, G*n, D]
-        scores = (qb @ kb.permute(1, 2, 0)) * softmax_scale                        # [Hk, G*n, L]
-        row_lse = torch.logsumexp(scores, -1)
-        ob = torch.exp(scores - row_lse[..., None]) @ vb.permute(1, 0, 2)          # [Hk, G*n, D]
-        out[s:e] = ob.reshape(hk, gqa, n, d).permute(2, 0, 1, 3).reshape(n, hq, d)
-        lse[:, s:e] = row_lse.reshape(hq, n)
     return out, lse
 
 
@@ -161,6 +132,8 @@ def hybrid_tree_attention(
     tree_backend: TreeBackend = "auto",
     fuse_merge: bool = True,
     fa_version: int | None = None,
+    fa_num_splits: int = 0,
+    prefix_config: PrefixAttnConfig | None = None,
     tree_config: TreeAttnConfig | None = None,
     tree_autotune: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -191,13 +164,18 @@ def hybrid_tree_attention(
             the prefix attention entirely.
         out: optional (total_tokens, Hq, head_dim) output buffer (q's dtype or fp32).
         return_lse: also return the merged LSE.
-        prefix_backend: ``"flash"`` (vLLM FlashAttention, CUDA), ``"torch"``, or ``"auto"``
-            (flash when q is on CUDA and vLLM's FlashAttention imports).
+        prefix_backend: ``"flash"`` (vLLM FlashAttention, CUDA), ``"triton"`` (this package's
+            split-KV ``paged_prefix_attention``; CUDA, or CPU under ``TRITON_INTERPRET=1``),
+            ``"torch"``, or ``"auto"`` (see ``choose_prefix_backend``).
         tree_backend: ``"triton"``, ``"torch"`` (``tree_attention_ref`` in fp32) or ``"auto"``
             (Triton on CUDA or under ``TRITON_INTERPRET=1``).
         fuse_merge: on the Triton tree path, merge the prefix inside the tree kernel (default)
             instead of a separate ``merge_attn_states`` launch.
         fa_version: FlashAttention version for the prefix (default: vLLM's choice, 3 on Hopper).
+        fa_num_splits: FA3's ``num_splits`` for the prefix; 0 (default) = FA3's own heuristic,
+            which was the fastest or within noise of it at every swept shape on the H100
+            (``fa_num_splits_heuristic`` and fixed values 1..32 did not beat it).
+        prefix_config: tiles/splits of the Triton prefix kernel (default: its heuristic).
         tree_config: tile sizes of the Triton tree kernel (default: ``default_tree_attn_config``).
         tree_autotune: let ``triton.autotune`` pick the tree kernel's tile sizes.
 
@@ -217,7 +195,7 @@ def hybrid_tree_attention(
         max_prefix_len = int(prefix_lens.max().item()) if prefix_lens.numel() else 0
 
     if prefix_backend == "auto":
-        prefix_backend = "flash" if q.is_cuda and flash_attn_available() else "torch"
+        prefix_backend = choose_prefix_backend(q)
     if tree_backend == "auto":
         tree_backend = "triton" if q.is_cuda or is_triton_interpret() else "torch"
 
@@ -226,7 +204,12 @@ def hybrid_tree_attention(
         if prefix_backend == "flash":
             prefix_out, prefix_lse = _flash_prefix_attention(
                 q, prefix_k_cache, prefix_v_cache, block_table, prefix_lens, cu_seqlens,
-                max_seqlen_q, max_prefix_len, softmax_scale, fa_version)
+                max_seqlen_q, max_prefix_len, softmax_scale, fa_version, fa_num_splits)
+        elif prefix_backend == "triton":
+            prefix_out, prefix_lse = paged_prefix_attention(
+                q, prefix_k_cache, prefix_v_cache, block_table, prefix_lens, cu_seqlens,
+                softmax_scale, max_seqlen_q=max_seqlen_q, max_prefix_len=max_prefix_len,
+                config=prefix_config)
         else:
             prefix_out, prefix_lse = paged_prefix_attention_torch(
                 q, prefix_k_cache, prefix_v_cache, block_table, prefix_lens, cu_seqlens,

@@ -32,7 +32,11 @@ def test_merge_equals_union_attention(kit, dtype, heads, d):
     out, lse = merge_attn_states(oa.to(dtype), lse_a.float(), ob.to(dtype), lse_b.float(), out=out)
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
-    assert (out.double() - full).abs().max() <= kit.out_atol[dtype]
+    # Two roundings to `dtype` (the partial outputs, then the merged one) are relative errors:
+    # with a single key per side an output is a raw N(0, 1) value, |x| up to ~4.5, where one bf16
+    # rounding alone is up to 2^-8 * 4.5 = 0.018.
+    rel = {torch.float32: 0.0, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}[dtype]
+    assert ((out.double() - full).abs() - rel * full.abs()).max() <= kit.out_atol[dtype]
     assert (lse.double() - lse_full).abs().max() <= 1e-5
     ref_out, ref_lse = merge_attn_states_ref(oa, lse_a, ob, lse_b)
     assert (ref_out - full).abs().max() <= 1e-10
