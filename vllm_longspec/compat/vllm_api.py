@@ -6,6 +6,7 @@ vLLM object it reads and, where the two versions differ, both shapes.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -51,21 +52,74 @@ def last_attention_layer(vllm_config: Any) -> Any:
     return layers[name]
 
 
-def paged_kv_views(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def paged_kv_views(kv_cache: torch.Tensor, head_size: int,
+                   layer: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V of one layer's paged cache as [num_blocks, block_size, Hk, D] views (no copy).
 
     The logical shape is [num_blocks, Hk, block_size, 2*D] in both versions, but the bytes
-    differ: the CPU backend stores, per (block, head), block_size rows of K then block_size
-    rows of V; FlashAttention (0.26) stores per token K and V side by side in the last dim,
-    with token-major strides.
+    differ. FlashAttention (0.26) stores per token K and V side by side in the last dim, with
+    token-major strides. The CPU backend gives each (block, head) a region of block_size*D
+    elements for K followed by one for V, and its ISA-specific kernels choose the element order
+    inside them (the "vec" kernels store K transposed, [D, block_size]); the order is probed
+    once with the backend's own cache-write op (`_cpu_region_strides`).
+
+    Args:
+        layer: the attention layer owning the cache (the CPU backend's ``isa`` lives there).
     """
     num_blocks, num_heads, block_size, _ = kv_cache.shape
-    if is_cpu_platform():
-        halves = kv_cache.view(num_blocks, num_heads, 2 * block_size, head_size).chunk(2, dim=2)
-        k, v = (h.permute(0, 2, 1, 3) for h in halves)
-    else:
+    if not is_cpu_platform():
         k, v = kv_cache.transpose(1, 2).split(head_size, dim=-1)
+        return k, v
+    if not kv_cache.is_contiguous():
+        raise RuntimeError("LongSpec: the CPU KV cache is expected to be contiguous")
+    isa = getattr(layer, "isa", None)
+    region = 2 * block_size * head_size
+    (k_off, k_t, k_d), (v_off, v_t, v_d) = _cpu_region_strides(
+        isa, kv_cache.dtype, block_size, head_size)
+    base = kv_cache.storage_offset()
+    size = (num_blocks, block_size, num_heads, head_size)
+    k = kv_cache.as_strided(size, (num_heads * region, k_t, region, k_d), base + k_off)
+    v = kv_cache.as_strided(size, (num_heads * region, v_t, region, v_d), base + v_off)
     return k, v
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_region_strides(isa: str | None, dtype: torch.dtype, block_size: int, head_size: int
+                        ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(offset, token stride, dim stride) of K and of V inside one (block, head) region of the
+    CPU cache, found by writing probe values with vLLM's own ``cpu_attn_reshape_and_cache``."""
+    if isa is None:  # a backend without ISA-specific layouts: plain rows
+        return (0, head_size, 1), (block_size * head_size, head_size, 1)
+    from vllm import _custom_ops as ops
+
+    region = 2 * block_size * head_size
+    found = []
+    for probe in ("token", "dim"):
+        kv = torch.zeros(1, 1, block_size, 2 * head_size, dtype=dtype)
+        k_view, v_view = kv.view(1, 1, 2 * block_size, head_size).chunk(2, dim=2)
+        t = torch.arange(block_size).view(block_size, 1, 1).expand(-1, 1, head_size)
+        d = torch.arange(head_size).view(1, 1, head_size).expand(block_size, 1, -1)
+        marks = ((t if probe == "token" else d) + 1).to(dtype).contiguous()
+        ops.cpu_attn_reshape_and_cache(marks, -marks, k_view, v_view,
+                                       torch.arange(block_size), isa)
+        found.append(kv.flatten()[:region])
+    tokens, dims = found
+    layouts = []
+    for sign in (1, -1):  # K was written as +marks, V as -marks
+        offsets = torch.full((block_size, head_size), -1, dtype=torch.long)
+        where = ((tokens * sign) > 0).nonzero().flatten()
+        offsets[(tokens[where] * sign).long() - 1, (dims[where] * sign).long() - 1] = where
+        start = int(offsets[0, 0])
+        t_stride = int(offsets[1, 0]) - start if block_size > 1 else head_size
+        d_stride = int(offsets[0, 1]) - start if head_size > 1 else 1
+        expect = (start + torch.arange(block_size).view(-1, 1) * t_stride
+                  + torch.arange(head_size).view(1, -1) * d_stride)
+        if not torch.equal(offsets, expect):
+            raise NotImplementedError(
+                f"LongSpec cannot read vLLM's CPU KV cache in the '{isa}' layout (dtype "
+                f"{dtype}, block {block_size}, head size {head_size}); use dtype=float32")
+        layouts.append((start, t_stride, d_stride))
+    return layouts[0], layouts[1]
 
 
 @dataclass
@@ -105,13 +159,15 @@ class RunnerStep:
     num_prompt_tokens: Any            # np.ndarray [max_num_reqs]
     block_table: torch.Tensor         # [num_reqs, max_blocks] (KV group 0, kernel blocks)
     finished_req_ids: set[str]
+    sampling_params: list[Any]        # batch order (vLLM SamplingParams or None)
 
 
 def runner_step(runner: Any, scheduler_output: Any, common_attn_metadata: Any) -> RunnerStep:
     batch = runner.input_batch
     return RunnerStep(req_ids=list(batch.req_ids), num_prompt_tokens=batch.num_prompt_tokens,
                       block_table=common_attn_metadata.block_table_tensor,
-                      finished_req_ids=set(scheduler_output.finished_req_ids))
+                      finished_req_ids=set(scheduler_output.finished_req_ids),
+                      sampling_params=request_sampling_params(runner, list(batch.req_ids)))
 
 
 def shutdown_llm(llm: Any) -> None:
@@ -154,3 +210,106 @@ def full_attention_kv_bytes(num_kv_heads: int, head_size: int, dtype: torch.dtyp
     spec = FullAttentionSpec(block_size=block_size, num_kv_heads=num_kv_heads,
                              head_size=head_size, dtype=dtype)
     return spec.page_size_bytes * -(-num_tokens // block_size)
+
+
+# ------------------------------------------------------------------------ tree verification
+@dataclass
+class ScheduledDrafts:
+    """The step's scheduled drafts as the runner laid them out (after ``_prepare_inputs``)."""
+
+    req_ids: list[str]                    # batch order
+    drafts: dict[str, list[int]]          # req_id -> scheduled draft tokens
+    num_scheduled: dict[str, int]         # req_id -> scheduled tokens (root + drafts for decodes)
+    query_start: Any                      # np.ndarray [num_reqs + 1]
+    num_computed: Any                     # np.ndarray [num_reqs] tokens with cached K/V
+    total_tokens: int
+
+
+def scheduled_drafts(runner: Any, scheduler_output: Any) -> ScheduledDrafts:
+    batch = runner.input_batch
+    num_reqs = batch.num_reqs
+    return ScheduledDrafts(
+        req_ids=list(batch.req_ids[:num_reqs]),
+        drafts=dict(scheduler_output.scheduled_spec_decode_tokens),
+        num_scheduled=dict(scheduler_output.num_scheduled_tokens),
+        query_start=runner.query_start_loc.np[:num_reqs + 1].copy(),
+        num_computed=batch.num_computed_tokens_cpu[:num_reqs].copy(),
+        total_tokens=int(scheduler_output.total_num_scheduled_tokens))
+
+
+def runner_positions(runner: Any) -> torch.Tensor:
+    """The runner's persistent positions buffer (read by the model forward)."""
+    return runner.positions
+
+
+def runner_slot_mapping(runner: Any, num_tokens: int) -> torch.Tensor:
+    """Cache slot of each scheduled token of KV-cache group 0 (computed in ``_prepare_inputs``)."""
+    return runner.input_batch.block_table[0].slot_mapping.gpu[:num_tokens]
+
+
+def target_attention_layers(vllm_config: Any) -> dict[str, Any]:
+    from vllm.config import get_layers_from_vllm_config
+    from vllm.model_executor.layers.attention import Attention
+
+    return get_layers_from_vllm_config(vllm_config, Attention)
+
+
+def tree_attention_refusal(layer: Any, cache_dtype: str) -> str | None:
+    """Why hybrid tree attention cannot stand in for this layer's backend (None if it can)."""
+    impl = getattr(layer, "impl", None)
+    if impl is None:
+        return "the layer has no attention implementation"
+    if getattr(impl, "sliding_window", None) not in (None, -1, (-1, -1), [-1, -1]):
+        return f"sliding-window attention ({impl.sliding_window})"
+    if getattr(impl, "logits_soft_cap", 0) not in (None, 0, 0.0):
+        return "attention logit soft-capping"
+    if getattr(impl, "alibi_slopes", None) is not None:
+        return "ALiBi attention"
+    if getattr(impl, "kv_sharing_target_layer_name", None):
+        return "cross-layer KV sharing"
+    if cache_dtype not in ("auto", "bfloat16", "float16", "float32"):
+        return f"kv_cache_dtype={cache_dtype}"
+    return None
+
+
+def apply_sampling_constraints(logits: torch.Tensor, cu_num_tokens: torch.Tensor,
+                               sampling_metadata: Any) -> torch.Tensor:
+    """vLLM's temperature / top-k / top-p processing for speculative verification."""
+    from vllm.v1.sample.rejection_sampler import apply_sampling_constraints as apply
+
+    return apply(logits, cu_num_tokens, sampling_metadata)
+
+
+def tree_eligible(sampling_params: Any) -> bool:
+    """Whether a request's sampling is fully described by temperature/top-k/top-p (the target
+    distribution tree acceptance reproduces). Others are verified as vLLM verifies them."""
+    sp = sampling_params
+    if sp is None:
+        return False
+    if getattr(sp, "presence_penalty", 0.0) or getattr(sp, "frequency_penalty", 0.0):
+        return False
+    if getattr(sp, "repetition_penalty", 1.0) != 1.0:
+        return False
+    for name in ("bad_words", "allowed_token_ids", "logit_bias", "logits_processors",
+                 "structured_outputs", "guided_decoding"):
+        if getattr(sp, name, None):
+            return False
+    if getattr(sp, "logprobs", None) is not None:
+        return False
+    if getattr(sp, "min_p", 0.0) or getattr(sp, "min_tokens", 0):
+        return False
+    return True
+
+
+def request_sampling_params(runner: Any, req_ids: list[str]) -> list[Any]:
+    return [getattr(runner.requests.get(r), "sampling_params", None) for r in req_ids]
+
+
+def check_tree_cudagraphs(vllm_config: Any) -> None:
+    """Token trees replace attention outputs in Python after the backend ran: a full CUDA graph
+    would replay the backend's causal attention without that step."""
+    mode = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
+    if mode is not None and hasattr(mode, "has_full_cudagraphs") and mode.has_full_cudagraphs():
+        raise ValueError(
+            f"LongSpec token trees need cudagraph_mode PIECEWISE or NONE (got {mode.name}): "
+            "pass compilation_config={'cudagraph_mode': 'PIECEWISE'} or omit tree_widths")

@@ -40,7 +40,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
 def ring_self_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor,
                         query_rows: torch.Tensor, ring_valid: torch.Tensor,
                         extra_k: torch.Tensor | None, extra_v: torch.Tensor | None,
-                        scale: float) -> torch.Tensor:
+                        scale: float, extra_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Draft self-attention of N queries.
 
     Args:
@@ -48,8 +48,10 @@ def ring_self_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Ten
         ring_k, ring_v: [R, W, Hk, D] the ring buffers.
         query_rows: [N] ring row of each query's request.
         ring_valid: [N] number of filled slots of that row (slots >= it are empty).
-        extra_k, extra_v: [N, E, Hk, D] K/V of the query's speculative ancestors and itself,
+        extra_k, extra_v: [N, E, Hk, D] K/V of speculative tokens of the query's request,
             or None when the query is a committed token already in its ring (E = 0).
+        extra_mask: [N, E] bool, which extra keys the query sees (its tree ancestors and
+            itself); None = all.
     Returns:
         [N, Hq, D] in q's dtype.
     """
@@ -60,8 +62,9 @@ def ring_self_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Ten
     if extra_k is not None and extra_k.shape[1] > 0:
         keys = torch.cat([keys, extra_k.to(keys.dtype)], dim=1)
         values = torch.cat([values, extra_v.to(values.dtype)], dim=1)
-        mask = torch.cat([mask, torch.ones(extra_k.shape[:2], dtype=torch.bool,
-                                           device=q.device)], dim=1)
+        if extra_mask is None:
+            extra_mask = torch.ones(extra_k.shape[:2], dtype=torch.bool, device=q.device)
+        mask = torch.cat([mask, extra_mask], dim=1)
     out, _ = attend(q.unsqueeze(1), keys, values, scale, mask.unsqueeze(1))
     return out.squeeze(1).to(q.dtype)
 

@@ -10,11 +10,16 @@ produced a token:
    the prompt);
 2. level 0: the last committed token queries its ring (self) and the target's last-layer cache
    over the committed prefix (cross); the argmax is draft token 1;
-3. level j: draft token j queries the ring + the K/V of draft tokens 1..j (scratch for this step
-   only) and the same target prefix; and so on for `num_speculative_tokens` levels.
+3. level j: the nodes of tree level j query the ring + the K/V of their tree ancestors and
+   themselves (scratch for this step only) and the same target prefix; the next level is the
+   global top-w over (level j nodes x vocabulary) by cumulative log-probability (`beam_tree`);
+   and so on for `num_speculative_tokens` levels. A chain is the tree of widths 1 (argmax).
 
-Drafts are the draft's argmax: a point-mass proposal, which vLLM's rejection sampler verifies
-losslessly for greedy and sampled requests alike (draft_probs=None).
+A chain is handed to vLLM as is: its rejection sampler verifies point-mass drafts losslessly for
+greedy and sampled requests alike (draft_probs=None). A tree is handed over BFS-flattened and
+verified by `tree_step` (depth positions, hybrid tree attention, lossless tree acceptance);
+requests whose sampling a tree cannot honour (penalties, logprobs, ...) get the tree's best path
+as a chain instead.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from ..draft.checkpoint import build_draft_layer, check_draft_fits_target, load_
 from ..draft.model import DraftArchitecture, LongSpecDraftLayer
 from ..draft.ring_cache import DraftKVRing
 from ..draft.rope import rope_from_vllm_rotary
+from .beam_tree import best_path, expand_level, tree_node_offsets
 from .draft_attention import paged_prefix_attention, ring_self_attention
+from .tree_step import DraftedTree, TreeVerifier
 
 logger = logging.getLogger("vllm_longspec")
 
@@ -51,15 +58,15 @@ class LongSpecProposer:
             raise ValueError("LongSpecProposer needs additional_config['longspec']; use "
                              "speculative_config={'method': 'longspec', ...}")
         self.config = LongSpecConfig.from_dict(options)
-        if self.config.is_tree:
-            raise NotImplementedError("LongSpec token trees are not available yet: omit "
-                                      "tree_widths to speculate with a chain")
+        self.tree_verifier = TreeVerifier(vllm_config) if self.config.is_tree else None
         self.max_model_len = vllm_config.model_config.max_model_len
         self.max_num_reqs = vllm_config.scheduler_config.max_num_seqs
         self.depth = self.config.num_speculative_tokens
+        self.widths = self.config.level_widths
         self._step: vllm_api.RunnerStep | None = None
         self.draft: LongSpecDraftLayer | None = None
-        self.stats = {"steps": 0, "drafted_requests": 0, "skipped_short_prompt": 0}
+        self.stats = {"steps": 0, "drafted_requests": 0, "skipped_short_prompt": 0,
+                      "chain_fallback_sampling": 0}
 
     # ------------------------------------------------------------------ setup
     def load_model(self, target_model: Any) -> None:
@@ -78,8 +85,13 @@ class LongSpecProposer:
                                 ckpt.arch.num_key_value_heads, ckpt.arch.head_dim,
                                 self.target.dtype, self.target.device)
         self._target_attn = None
-        logger.info("LongSpec draft %s loaded: window %d, chain of %d, ring %.1f KiB/request",
-                    self.config.draft, self.config.window, self.depth,
+        if self.tree_verifier is not None:
+            vllm_api.check_tree_cudagraphs(self.vllm_config)
+            self.tree_verifier.install()
+        shape = (f"tree {list(self.widths)}" if self.tree_verifier is not None
+                 else f"chain of {self.depth}")
+        logger.info("LongSpec draft %s loaded: window %d, %s, ring %.1f KiB/request",
+                    self.config.draft, self.config.window, shape,
                     self.ring.nbytes_per_request / 1024)
 
     def begin_step(self, step: vllm_api.RunnerStep) -> None:
@@ -87,11 +99,14 @@ class LongSpecProposer:
         self._step = step
         if step.finished_req_ids:
             self.ring.release(step.finished_req_ids)
+            if self.tree_verifier is not None:
+                self.tree_verifier.forget(step.finished_req_ids)
 
     def _target_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._target_attn is None:
             self._target_attn = vllm_api.last_attention_layer(self.vllm_config)
-        return vllm_api.paged_kv_views(self._target_attn.kv_cache, self.arch.head_dim)
+        return vllm_api.paged_kv_views(self._target_attn.kv_cache, self.arch.head_dim,
+                                       self._target_attn)
 
     # ------------------------------------------------------------------ drafting
     @torch.inference_mode()
@@ -113,6 +128,8 @@ class LongSpecProposer:
             if int(num_tokens_no_spec[i]) + 1 >= self.max_model_len:
                 continue
             batch.append(i)
+        if self.tree_verifier is not None:
+            self.tree_verifier.forget(step.req_ids[i] for i in range(len(sampled_token_ids)))
         if not batch:
             return drafts
         self.stats["drafted_requests"] += len(batch)
@@ -120,11 +137,36 @@ class LongSpecProposer:
         lengths = [int(num_tokens_no_spec[i]) for i in batch]
         rows = self.ring.rows(req_ids, keep=set(step.req_ids))
         self._update_ring(req_ids, rows, lengths, [token_ids_cpu[i] for i in batch])
-        tokens = self._draft_chain(batch, rows, lengths, token_ids_cpu, step.block_table)
-        for b, i in enumerate(batch):
-            room = self.max_model_len - lengths[b] - 1
-            drafts[i] = tokens[b][:max(0, min(self.depth, room))]
+        roots = [int(token_ids_cpu[i, n - 1]) for i, n in zip(batch, lengths)]
+        tokens, parents = self._draft_tree(batch, rows, lengths, roots, step.block_table)
+        if self.tree_verifier is None:
+            for b, i in enumerate(batch):
+                room = self.max_model_len - lengths[b] - 1
+                drafts[i] = tokens[b][:max(0, min(len(tokens[b]), room))]
+            return drafts
+        self._hand_over_trees(batch, req_ids, lengths, roots, tokens, parents, step, drafts)
         return drafts
+
+    def _hand_over_trees(self, batch: list[int], req_ids: list[str], lengths: list[int],
+                         roots: list[int], tokens: list[list[int]], parents: torch.Tensor,
+                         step: vllm_api.RunnerStep, drafts: list[list[int]]) -> None:
+        """BFS drafts for tree-eligible requests (remembered for verification); the best path
+        as a chain for the others."""
+        assert self.tree_verifier is not None
+        chains = best_path(parents, tree_node_offsets(self.widths)[-2]).tolist()
+        parents_np = parents.cpu().numpy()
+        for b, i in enumerate(batch):
+            room = max(0, self.max_model_len - lengths[b] - 1)
+            if vllm_api.tree_eligible(step.sampling_params[i]):
+                n = min(len(tokens[b]), room)
+                drafts[i] = tokens[b][:n]
+                self.tree_verifier.trees[req_ids[b]] = DraftedTree(
+                    tokens=np.array([roots[b]] + tokens[b][:n], dtype=np.int64),
+                    parents=parents_np[b, :n + 1].copy())
+            else:
+                self.stats["chain_fallback_sampling"] += 1
+                path = [tokens[b][node - 1] for node in chains[b]]
+                drafts[i] = path[:room]
 
     def _update_ring(self, req_ids: list[str], rows: list[int], lengths: list[int],
                      token_rows: list[np.ndarray]) -> None:
@@ -150,44 +192,85 @@ class LongSpecProposer:
         k, v = self.draft.self_kv(self.target.embed(token_ids), positions, self.rope)
         self.ring.write(row_index, positions, k, v)
 
-    def _draft_chain(self, batch: list[int], rows: list[int], lengths: list[int],
-                     token_ids_cpu: np.ndarray, block_table: torch.Tensor) -> list[list[int]]:
+    def _draft_tree(self, batch: list[int], rows: list[int], lengths: list[int],
+                    roots: list[int], block_table: torch.Tensor
+                    ) -> tuple[list[list[int]], torch.Tensor]:
+        """Drafts every request's tree, one draft forward per level for the whole batch.
+
+        Returns:
+            tokens: per request, the N draft tokens in BFS order (root excluded);
+            parents: [B, N+1] BFS parents (root first, -1).
+        """
         device = self.target.device
         scale = self.arch.head_dim ** -0.5
         k_cache, v_cache = self._target_kv()
+        batch_size = len(batch)
         table = block_table[torch.tensor(batch, device=block_table.device)]
         # The target has cached K/V for every committed token but the newest.
         prefix_lens = [n - 1 for n in lengths]
-        query_req = list(range(len(batch)))
-        row_t = torch.tensor(rows, device=device)
-        valid_t = torch.tensor([min(n, self.config.window) for n in lengths], device=device)
-        query = torch.tensor([int(token_ids_cpu[i, n - 1]) for i, n in zip(batch, lengths)],
-                             device=device)
-        positions = torch.tensor([n - 1 for n in lengths], device=device)
-        scratch_k: list[torch.Tensor] = []  # K/V of draft tokens 1..j, each [B, Hk, D]
-        scratch_v: list[torch.Tensor] = []
-        out: list[torch.Tensor] = []
-        for level in range(self.depth):
-            def self_attend(q, k, v, level=level):
-                if level == 0:
-                    extra_k = extra_v = None  # the root is committed: already in its ring
-                else:
-                    extra_k = torch.stack(scratch_k + [k], dim=1)
-                    extra_v = torch.stack(scratch_v + [v], dim=1)
-                    scratch_k.append(k)
-                    scratch_v.append(v)
-                return ring_self_attention(q, self.ring.k, self.ring.v, row_t, valid_t,
-                                           extra_k, extra_v, scale)
+        num_nodes = 1 + sum(self.widths)
+        ring_rows = torch.tensor(rows, device=device)
+        ring_valid = torch.tensor([min(n, self.config.window) for n in lengths], device=device)
+        root_pos = torch.tensor([n - 1 for n in lengths], device=device)
+        parents = torch.full((batch_size, num_nodes), -1, dtype=torch.long, device=device)
+        # ancestors[b, i, j]: node j (>= 1) is node i or one of its ancestors.
+        ancestors = torch.zeros(batch_size, num_nodes, num_nodes, dtype=torch.bool,
+                                device=device)
+        scratch_k: torch.Tensor | None = None  # [B, S, Hk, D], tree nodes 1..S
+        scratch_v: torch.Tensor | None = None
+        query = torch.tensor(roots, device=device).unsqueeze(1)  # [B, W] level's tokens
+        scores = torch.zeros(batch_size, 1, device=device)
+        level_nodes = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # BFS ids
+        offsets = tree_node_offsets(self.widths)
+        levels: list[torch.Tensor] = []
+        for level, width in enumerate(self.widths):
+            nodes_here = query.shape[1]
+            flat_rows = ring_rows.repeat_interleave(nodes_here)
+            flat_valid = ring_valid.repeat_interleave(nodes_here)
 
-            def cross_attend(q):
+            def self_attend(q, k, v, level=level, nodes_here=nodes_here, flat_rows=flat_rows,
+                            flat_valid=flat_valid, level_nodes=level_nodes):
+                nonlocal scratch_k, scratch_v
+                if level == 0:  # the root is committed: already in its ring
+                    return ring_self_attention(q, self.ring.k, self.ring.v, flat_rows,
+                                               flat_valid, None, None, scale)
+                k = k.reshape(batch_size, nodes_here, *k.shape[1:])
+                v = v.reshape(batch_size, nodes_here, *v.shape[1:])
+                scratch_k = k if scratch_k is None else torch.cat([scratch_k, k], dim=1)
+                scratch_v = v if scratch_v is None else torch.cat([scratch_v, v], dim=1)
+                seen = scratch_k.shape[1]
+                visible = ancestors.gather(
+                    1, level_nodes.unsqueeze(-1).expand(-1, -1, num_nodes))[:, :, 1:seen + 1]
+                extra_k = scratch_k.repeat_interleave(nodes_here, dim=0)
+                extra_v = scratch_v.repeat_interleave(nodes_here, dim=0)
+                return ring_self_attention(q, self.ring.k, self.ring.v, flat_rows, flat_valid,
+                                           extra_k, extra_v, scale,
+                                           visible.reshape(batch_size * nodes_here, seen))
+
+            query_req = np.repeat(np.arange(batch_size), nodes_here).tolist()
+
+            def cross_attend(q, query_req=query_req):
                 o, _ = paged_prefix_attention(q, k_cache, v_cache, table, query_req,
                                               prefix_lens, scale)
                 return o.to(q.dtype)
 
-            hidden = self.draft(self.target.embed(query), positions, self.rope,
+            positions = (root_pos + level).repeat_interleave(nodes_here)
+            hidden = self.draft(self.target.embed(query.reshape(-1)), positions, self.rope,
                                 self_attend, cross_attend)
-            logits = self.target.compute_logits(hidden)
-            query = logits.argmax(dim=-1)
-            positions = positions + 1
-            out.append(query)
-        return torch.stack(out, dim=1).tolist()
+            logits = self.target.compute_logits(hidden).float()
+            logprobs = torch.log_softmax(logits, dim=-1).reshape(batch_size, nodes_here, -1)
+            grown = expand_level(logprobs, scores, width)
+            new_nodes = torch.arange(offsets[level], offsets[level] + width, device=device)
+            new_nodes = new_nodes.unsqueeze(0).expand(batch_size, -1)
+            parent_ids = level_nodes.gather(1, grown.parent_local)
+            parents[:, offsets[level]:offsets[level] + width] = parent_ids
+            inherited = ancestors.gather(1, parent_ids.unsqueeze(-1).expand(-1, -1, num_nodes))
+            inherited = inherited.clone()
+            inherited[torch.arange(batch_size, device=device).unsqueeze(1).expand(-1, width),
+                      torch.arange(width, device=device).unsqueeze(0).expand(batch_size, -1),
+                      new_nodes] = True
+            ancestors[:, offsets[level]:offsets[level] + width] = inherited
+            levels.append(grown.tokens)
+            query, scores, level_nodes = grown.tokens, grown.scores, new_nodes
+        tokens = torch.cat(levels, dim=1).tolist()
+        return tokens, parents

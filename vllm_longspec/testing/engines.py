@@ -20,8 +20,10 @@ class EngineRun:
 def generate(target: str, prompts: list[list[int]], *, max_tokens: int = 32,
              temperature: float = 0.0, seed: int | None = None, n: int = 1,
              speculative_config: dict | None = None, additional_config: dict | None = None,
-             **engine_kwargs: Any) -> EngineRun:
-    """Greedy (or sampled) generation of `prompts` (token ids) on one engine."""
+             per_prompt: list[dict] | None = None, **engine_kwargs: Any) -> EngineRun:
+    """Greedy (or sampled) generation of `prompts` (token ids) on one engine.
+
+    `per_prompt`: optional SamplingParams overrides, one dict per prompt (mixed batches)."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -37,8 +39,11 @@ def generate(target: str, prompts: list[list[int]], *, max_tokens: int = 32,
         kwargs["additional_config"] = additional_config
     llm = LLM(**kwargs)
     try:
-        params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True,
-                                seed=seed, n=n)
+        base = dict(temperature=temperature, max_tokens=max_tokens, ignore_eos=True, seed=seed,
+                    n=n)
+        params: Any = SamplingParams(**base)
+        if per_prompt is not None:
+            params = [SamplingParams(**{**base, **extra}) for extra in per_prompt]
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
                             use_tqdm=False)
         token_ids = [list(c.token_ids) for o in outs for c in o.outputs]

