@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--code-dir", default="/usr/lib/python3.12")
     parser.add_argument("--lengths", default="1024,4096,8192,16384")
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--k", type=int, default=4, help="chain length (ignored with a tree)")
+    parser.add_argument("--tree-widths", default=None,
+                        help="verify token trees of these level widths, e.g. 4,16,16,16,16")
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--out", default="bench_out")
     args = parser.parse_args(argv)
@@ -103,11 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [int(x) for x in args.lengths.split(",")]
     prompts = code_prompts(tokenizer, args.code_dir, lengths)
     base = run(args.target, prompts, args.max_tokens, None, None, args.eager, logprobs=2)
+    options: dict[str, Any] = {}
+    k = args.k
+    if args.tree_widths:
+        options["tree_widths"] = [int(w) for w in args.tree_widths.split(",")]
+        k = len(options["tree_widths"])
     spec = run(args.target, prompts, args.max_tokens,
-               {"method": "longspec", "model": draft, "num_speculative_tokens": args.k},
-               {"longspec": {}}, args.eager, logprobs=None)
-    report = {"target": args.target, "draft": draft, "lengths": lengths, "k": args.k,
-              "max_tokens": args.max_tokens, "requests": []}
+               {"method": "longspec", "model": draft, "num_speculative_tokens": k},
+               {"longspec": options}, args.eager, logprobs=None)
+    report = {"target": args.target, "draft": draft, "lengths": lengths, "k": k,
+              "tree_widths": options.get("tree_widths"), "max_tokens": args.max_tokens,
+              "requests": []}
     exact = 0
     for i, (b, s) in enumerate(zip(base["token_ids"], spec["token_ids"])):
         first = next((j for j, (x, y) in enumerate(zip(b, s)) if x != y), None)

@@ -16,6 +16,7 @@ from .hybrid import (
     hybrid_tree_attention,
     hybrid_tree_attention_ref,
     paged_prefix_attention_torch,
+    attend_paged_prefix,
 )
 from .kv_compaction import (
     KVCacheTable,
@@ -68,6 +69,7 @@ __all__ = [
     "num_sms",
     "paged_prefix_attention",
     "paged_prefix_attention_torch",
+    "attend_paged_prefix",
     "prefix_attn_sweep_configs",
     "split_kv_cache",
     "tree_attention",

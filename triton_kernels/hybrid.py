@@ -112,6 +112,45 @@ def _flash_prefix_attention(q, k_cache, v_cache, block_table, prefix_lens, cu_se
     return out, lse
 
 
+def attend_paged_prefix(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    softmax_scale: float,
+    *,
+    max_seqlen_q: int,
+    max_prefix_len: int,
+    backend: PrefixBackend = "auto",
+    fa_version: int | None = None,
+    fa_num_splits: int = 0,
+    config: PrefixAttnConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-causal attention of each request's queries over its paged prefix, with LSE.
+
+    Arguments: as in ``hybrid_tree_attention`` (q, caches, block_table, prefix_lens, cu_seqlens);
+        backend: ``"flash"``, ``"triton"``, ``"torch"`` or ``"auto"`` (``choose_prefix_backend``).
+
+    Return:
+        out: (total_tokens, Hq, head_dim) (q's dtype on flash/triton, fp32 on torch);
+        lse: (Hq, total_tokens) fp32.
+    """
+    if backend == "auto":
+        backend = choose_prefix_backend(q)
+    if backend == "flash":
+        return _flash_prefix_attention(q, k_cache, v_cache, block_table, prefix_lens, cu_seqlens,
+                                       max_seqlen_q, max_prefix_len, softmax_scale, fa_version,
+                                       fa_num_splits)
+    if backend == "triton":
+        return paged_prefix_attention(q, k_cache, v_cache, block_table, prefix_lens, cu_seqlens,
+                                      softmax_scale, max_seqlen_q=max_seqlen_q,
+                                      max_prefix_len=max_prefix_len, config=config)
+    return paged_prefix_attention_torch(q, k_cache, v_cache, block_table, prefix_lens,
+                                        cu_seqlens, softmax_scale, compute_dtype=torch.float32)
+
+
 def hybrid_tree_attention(
     q: torch.Tensor,
     prefix_k_cache: torch.Tensor,
@@ -201,19 +240,11 @@ def hybrid_tree_attention(
 
     prefix_out = prefix_lse = None
     if max_prefix_len > 0:
-        if prefix_backend == "flash":
-            prefix_out, prefix_lse = _flash_prefix_attention(
-                q, prefix_k_cache, prefix_v_cache, block_table, prefix_lens, cu_seqlens,
-                max_seqlen_q, max_prefix_len, softmax_scale, fa_version, fa_num_splits)
-        elif prefix_backend == "triton":
-            prefix_out, prefix_lse = paged_prefix_attention(
-                q, prefix_k_cache, prefix_v_cache, block_table, prefix_lens, cu_seqlens,
-                softmax_scale, max_seqlen_q=max_seqlen_q, max_prefix_len=max_prefix_len,
-                config=prefix_config)
-        else:
-            prefix_out, prefix_lse = paged_prefix_attention_torch(
-                q, prefix_k_cache, prefix_v_cache, block_table, prefix_lens, cu_seqlens,
-                softmax_scale, compute_dtype=torch.float32)
+        prefix_out, prefix_lse = attend_paged_prefix(
+            q, prefix_k_cache, prefix_v_cache, block_table, prefix_lens, cu_seqlens,
+            softmax_scale, max_seqlen_q=max_seqlen_q, max_prefix_len=max_prefix_len,
+            backend=prefix_backend, fa_version=fa_version, fa_num_splits=fa_num_splits,
+            config=prefix_config)
 
     if tree_backend == "triton":
         tuning = dict(max_seqlen=max_seqlen_q, config=tree_config, autotune=tree_autotune)

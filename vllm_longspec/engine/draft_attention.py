@@ -2,8 +2,9 @@
 
 * Self-attention: a query sees its request's ring (the committed tokens of the window) plus
   "extra" keys: the K/V of its speculative ancestors in this step and its own.
-* Cross-attention: a query sees the target's last-layer K/V of its request's committed prefix,
-  read in place from vLLM's paged cache through the block table (no copy is kept).
+* Cross-attention (not here): a query sees the target's last-layer K/V of its request's committed
+  prefix, read in place from vLLM's paged cache through the block table by
+  ``vllm_longspec_kernels.attend_paged_prefix`` (FlashAttention on the GPU, torch on the CPU).
 
 All math in fp32; outputs in the query dtype.
 """
@@ -67,50 +68,3 @@ def ring_self_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Ten
         mask = torch.cat([mask, extra_mask], dim=1)
     out, _ = attend(q.unsqueeze(1), keys, values, scale, mask.unsqueeze(1))
     return out.squeeze(1).to(q.dtype)
-
-
-def gather_paged(cache: torch.Tensor, block_row: torch.Tensor, length: int) -> torch.Tensor:
-    """Tokens [0, length) of one request from a paged cache.
-
-    Args:
-        cache: [num_blocks, block_size, Hk, D] (any strides).
-        block_row: [max_blocks] the request's block table row.
-    Returns:
-        [length, Hk, D].
-    """
-    block_size = cache.shape[1]
-    pos = torch.arange(length, device=block_row.device)
-    blocks = block_row[pos // block_size].long().to(cache.device)
-    return cache[blocks, (pos % block_size).to(cache.device)]
-
-
-def paged_prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_table: torch.Tensor, query_req: list[int],
-                           prefix_lens: list[int], scale: float
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-causal attention of each query over its request's cached prefix.
-
-    Args:
-        q: [N, Hq, D].
-        k_cache, v_cache: [num_blocks, block_size, Hk, D] views of the target's paged cache.
-        block_table: [B, max_blocks] block ids per request.
-        query_req: N request indices (into block_table / prefix_lens), grouped contiguously.
-        prefix_lens: B prefix lengths (0 allowed: those queries get zeros and lse -inf).
-    Returns:
-        out [N, Hq, D] fp32 and lse [N, Hq] fp32.
-    """
-    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
-    req_tensor = torch.tensor(query_req, device=q.device)
-    for b, length in enumerate(prefix_lens):
-        if length <= 0:
-            continue
-        idx = (req_tensor == b).nonzero().flatten()
-        if idx.numel() == 0:
-            continue
-        k = gather_paged(k_cache, block_table[b], length)
-        v = gather_paged(v_cache, block_table[b], length)
-        o, l = attend(q[idx], k.to(q.device), v.to(q.device), scale)
-        out[idx] = o
-        lse[idx] = l
-    return out, lse

@@ -36,8 +36,10 @@ from ..draft.checkpoint import build_draft_layer, check_draft_fits_target, load_
 from ..draft.model import DraftArchitecture, LongSpecDraftLayer
 from ..draft.ring_cache import DraftKVRing
 from ..draft.rope import rope_from_vllm_rotary
+from vllm_longspec_kernels import attend_paged_prefix
+
 from .beam_tree import best_path, expand_level, tree_node_offsets
-from .draft_attention import paged_prefix_attention, ring_self_attention
+from .draft_attention import ring_self_attention
 from .tree_step import DraftedTree, TreeVerifier
 
 logger = logging.getLogger("vllm_longspec")
@@ -205,9 +207,13 @@ class LongSpecProposer:
         scale = self.arch.head_dim ** -0.5
         k_cache, v_cache = self._target_kv()
         batch_size = len(batch)
-        table = block_table[torch.tensor(batch, device=block_table.device)]
+        table = block_table[torch.tensor(batch, device=block_table.device)].to(torch.int32)
         # The target has cached K/V for every committed token but the newest.
         prefix_lens = [n - 1 for n in lengths]
+        prefix_t = torch.tensor(prefix_lens, dtype=torch.int32, device=device)
+        max_prefix = max(prefix_lens)
+        # FlashAttention over the paged cache on the GPU; plain torch on the CPU.
+        prefix_backend = "auto" if device.type == "cuda" else "torch"
         num_nodes = 1 + sum(self.widths)
         ring_rows = torch.tensor(rows, device=device)
         ring_valid = torch.tensor([min(n, self.config.window) for n in lengths], device=device)
@@ -247,11 +253,13 @@ class LongSpecProposer:
                                            extra_k, extra_v, scale,
                                            visible.reshape(batch_size * nodes_here, seen))
 
-            query_req = np.repeat(np.arange(batch_size), nodes_here).tolist()
-
-            def cross_attend(q, query_req=query_req):
-                o, _ = paged_prefix_attention(q, k_cache, v_cache, table, query_req,
-                                              prefix_lens, scale)
+            def cross_attend(q, nodes_here=nodes_here):
+                if max_prefix == 0:
+                    return torch.zeros_like(q)
+                cu = torch.arange(batch_size + 1, dtype=torch.int32, device=device) * nodes_here
+                o, _ = attend_paged_prefix(q.contiguous(), k_cache, v_cache, table, prefix_t,
+                                           cu, scale, max_seqlen_q=nodes_here,
+                                           max_prefix_len=max_prefix, backend=prefix_backend)
                 return o.to(q.dtype)
 
             positions = (root_pos + level).repeat_interleave(nodes_here)
