@@ -313,3 +313,18 @@ def check_tree_cudagraphs(vllm_config: Any) -> None:
         raise ValueError(
             f"LongSpec token trees need cudagraph_mode PIECEWISE or NONE (got {mode.name}): "
             "pass compilation_config={'cudagraph_mode': 'PIECEWISE'} or omit tree_widths")
+
+
+def drafter_timing(llm: Any) -> dict[str, float] | None:
+    """The LongSpec proposer's drafting steps and seconds (``LONGSPEC_TIME_DRAFTING=1``), read
+    from the first worker through ``LLM.collective_rpc``."""
+
+    def read(wrapper: Any) -> dict[str, float] | None:
+        worker = getattr(wrapper, "worker", wrapper)
+        drafter = getattr(getattr(worker, "model_runner", None), "drafter", None)
+        if not getattr(drafter, "is_longspec_proposer", False):
+            return None
+        return {"steps": drafter.stats["steps"], "seconds": drafter.stats["draft_seconds"]}
+
+    results = llm.collective_rpc(read)
+    return results[0] if results else None

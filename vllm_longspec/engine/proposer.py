@@ -25,6 +25,8 @@ as a chain instead.
 from __future__ import annotations
 
 import logging
+import os
+import time
 from typing import Any
 
 import numpy as np
@@ -68,7 +70,9 @@ class LongSpecProposer:
         self._step: vllm_api.RunnerStep | None = None
         self.draft: LongSpecDraftLayer | None = None
         self.stats = {"steps": 0, "drafted_requests": 0, "skipped_short_prompt": 0,
-                      "chain_fallback_sampling": 0}
+                      "chain_fallback_sampling": 0, "draft_seconds": 0.0}
+        # benchmarks/bench_step_cost.py: device-synchronised wall time of every drafting step
+        self._time_drafting = os.environ.get("LONGSPEC_TIME_DRAFTING") == "1"
 
     # ------------------------------------------------------------------ setup
     def load_model(self, target_model: Any) -> None:
@@ -114,6 +118,21 @@ class LongSpecProposer:
     @torch.inference_mode()
     def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray,
                 token_ids_cpu: np.ndarray, slot_mappings: Any = None) -> list[list[int]]:
+        if not self._time_drafting:
+            return self._propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
+        self._synchronize()
+        start = time.perf_counter()
+        drafts = self._propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
+        self._synchronize()
+        self.stats["draft_seconds"] += time.perf_counter() - start
+        return drafts
+
+    def _synchronize(self) -> None:
+        if self.target.device.type == "cuda":
+            torch.cuda.synchronize(self.target.device)
+
+    def _propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray,
+                 token_ids_cpu: np.ndarray) -> list[list[int]]:
         step = self._step
         if step is None:
             raise RuntimeError("LongSpec: the runner hook did not run (plugin not registered?)")

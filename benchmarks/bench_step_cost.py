@@ -1,0 +1,224 @@
+"""Cost of one LongSpec step against one plain decode step, at long context, inside vLLM.
+
+For each context length it runs, each engine in its own process (vLLM keeps CUDA-graph pools per
+process), one request whose prompt has that many tokens:
+
+* plain: vLLM without speculation -- decode time per token = one plain decode step;
+* longspec: the same request with LongSpec (tree or chain) and an untrained draft, so that almost
+  nothing is accepted and every step yields one token: time per token = one LongSpec step
+  (drafting all levels + verifying the whole tree + acceptance and KV bookkeeping). The drafting
+  part is timed inside the proposer (device-synchronised) and reported on its own.
+
+Every engine step after the request's first token is timed (the prefill drops out); the median
+step and the decode time per generated token are reported.
+Default target: a Llama-3-8B-shaped model with dummy weights (``load_format="dummy"``): cost only,
+no quality. Prints a table, writes JSON and a PNG.
+
+    python -m vllm_longspec_benchmarks.bench_step_cost --out bench_out            # GPU
+    vllm-longspec bench step-cost --target TINY --contexts 512 --eager --dtype float32  # CPU check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+LLAMA3_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096,
+                 intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, head_dim=128, vocab_size=128256, rms_norm_eps=1e-5,
+                 rope_theta=500000.0, max_position_embeddings=262144, torch_dtype="bfloat16",
+                 tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001)
+
+
+def llama3_8b_folder(root: str) -> str:
+    """A config-only Llama-3-8B folder (weights come from ``load_format="dummy"``)."""
+    folder = os.path.join(root, "llama3-8b-shape")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(LLAMA3_8B, f, indent=1)
+    return folder
+
+
+def untrained_draft(root: str, target: str) -> str:
+    from vllm_longspec.testing.fixtures import make_tiny_draft
+
+    return make_tiny_draft(os.path.join(root, "untrained_draft"), target, seed=11)
+
+
+def measure(config: dict[str, Any]) -> dict[str, Any]:
+    """One engine, one request: per-token decode time (runs in a child process)."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_longspec.compat.vllm_api import engine_counters, shutdown_llm
+
+    context, new_tokens = config["context"], config["new_tokens"]
+    kwargs: dict[str, Any] = dict(
+        model=config["target"], dtype=config["dtype"], max_model_len=context + new_tokens + 256,
+        enforce_eager=config["eager"], seed=0, max_num_seqs=4, skip_tokenizer_init=True,
+        enable_prefix_caching=False, gpu_memory_utilization=config["gpu_memory_utilization"],
+        disable_log_stats=False)
+    if config["dummy"]:
+        kwargs["load_format"] = "dummy"
+    if config["spec"]:
+        kwargs["speculative_config"] = config["spec"]
+        kwargs["additional_config"] = config["additional"]
+    llm = LLM(**kwargs)
+    try:
+        with open(os.path.join(config["target"], "config.json")) as f:
+            vocab = json.load(f)["vocab_size"]
+        span = min(1000, vocab - 10)
+        prompt = [TokensPrompt(prompt_token_ids=[(7 * i + 3) % span + 5 for i in range(context)])]
+
+        engine = llm.llm_engine
+
+        def decode_steps(request_id: str, max_tokens: int) -> tuple[list[float], int]:
+            """Wall time of every engine step after the first token, and tokens produced."""
+            params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                                    detokenize=False)
+            engine.add_request(request_id, prompt[0], params)
+            times, produced = [], 0
+            while engine.has_unfinished_requests():
+                start = time.perf_counter()
+                outputs = engine.step()
+                elapsed = time.perf_counter() - start
+                if produced >= 1:
+                    times.append(elapsed)
+                for out in outputs:
+                    produced = len(out.outputs[0].token_ids)
+            return times, produced
+
+        decode_steps("warmup", 4)  # graphs, kernels' JIT
+        draft_before = _draft_timing(llm) if config["spec"] else None
+        times, produced = decode_steps("measured", 1 + new_tokens)
+        draft_after = _draft_timing(llm) if config["spec"] else None
+        counters = engine_counters(llm)
+    finally:
+        shutdown_llm(llm)
+    times_sorted = sorted(times)
+    result = {"step_ms": times_sorted[len(times) // 2] * 1e3,
+              "per_token_ms": sum(times) / max(1, produced - 1) * 1e3,
+              "decode_steps": len(times),
+              "mean_acceptance_length": counters.get("mean_acceptance_length")}
+    if draft_before is not None and draft_after is not None:
+        steps = draft_after["steps"] - draft_before["steps"]
+        seconds = draft_after["seconds"] - draft_before["seconds"]
+        result["draft_ms_per_step"] = seconds / steps * 1e3 if steps else None
+    return result
+
+
+def _draft_timing(llm: Any) -> dict[str, float] | None:
+    from vllm_longspec.compat.vllm_api import drafter_timing
+
+    return drafter_timing(llm)
+
+
+def _run_child(config: dict[str, Any]) -> dict[str, Any]:
+    env = dict(os.environ, LONGSPEC_TIME_DRAFTING="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    proc = subprocess.run([sys.executable, "-m", "vllm_longspec_benchmarks.bench_step_cost",
+                           "--child", json.dumps(config)], env=env, capture_output=True,
+                          text=True)
+    for line in proc.stdout.splitlines()[::-1]:
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    sys.stderr.write(proc.stderr[-4000:])
+    raise RuntimeError(f"step-cost child failed ({proc.returncode}) for {config['name']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--target", default=None, help="model folder (default: Llama-3-8B "
+                        "shape with dummy weights)")
+    parser.add_argument("--draft", default=None, help="default: an untrained draft")
+    parser.add_argument("--contexts", default="32768,131072")
+    parser.add_argument("--tree-widths", default="4,16,16,16,16")
+    parser.add_argument("--chain", type=int, default=None, help="also measure a chain of K")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--eager", action="store_true")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--out", default="bench_out")
+    args = parser.parse_args(argv)
+    if args.child is not None:
+        print("RESULT " + json.dumps(measure(json.loads(args.child))), flush=True)
+        return 0
+
+    os.makedirs(args.out, exist_ok=True)
+    dummy = args.target is None
+    target = args.target or llama3_8b_folder(args.out)
+    draft = args.draft or untrained_draft(args.out, target)
+    widths = [int(w) for w in args.tree_widths.split(",")]
+    variants: list[tuple[str, dict | None, dict]] = [
+        ("plain", None, {}),
+        (f"tree {args.tree_widths}", {"method": "longspec", "model": draft,
+                                      "num_speculative_tokens": len(widths)},
+         {"longspec": {"tree_widths": widths}}),
+    ]
+    if args.chain:
+        variants.append((f"chain {args.chain}", {"method": "longspec", "model": draft,
+                                                 "num_speculative_tokens": args.chain},
+                         {"longspec": {}}))
+    from tqdm import tqdm
+
+    rows = []
+    jobs = [(int(c), v) for c in args.contexts.split(",") for v in variants]
+    for context, (name, spec, additional) in tqdm(jobs, desc="engines"):
+        config = dict(name=name, target=target, dtype=args.dtype, eager=args.eager,
+                      dummy=dummy, context=context, new_tokens=args.new_tokens, spec=spec,
+                      additional=additional, gpu_memory_utilization=args.gpu_memory_utilization)
+        rows.append({"context": context, "variant": name, **_run_child(config)})
+    for row in rows:
+        plain = next(r for r in rows if r["context"] == row["context"] and r["variant"] == "plain")
+        row["x_plain_step"] = row["step_ms"] / plain["step_ms"]
+        if row.get("draft_ms_per_step") is not None:
+            row["draft_x_plain_step"] = row["draft_ms_per_step"] / plain["step_ms"]
+    print(f"{'context':>8} {'variant':<24} {'ms/step':>9} {'x plain':>8} {'ms/token':>9} "
+          f"{'draft ms':>9} {'draft x plain':>13}")
+    for r in rows:
+        draft_ms = r.get("draft_ms_per_step")
+        print(f"{r['context']:>8} {r['variant']:<24} {r['step_ms']:>9.2f} "
+              f"{r['x_plain_step']:>8.2f} {r['per_token_ms']:>9.2f} "
+              f"{'-' if draft_ms is None else f'{draft_ms:.2f}':>9} "
+              f"{r.get('draft_x_plain_step', float('nan')):>13.2f}")
+    report = {"target": "Llama-3-8B shape (dummy weights)" if dummy else target,
+              "dtype": args.dtype, "eager": args.eager, "new_tokens": args.new_tokens,
+              "rows": rows}
+    with open(os.path.join(args.out, "step_cost.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    _plot(rows, os.path.join(args.out, "step_cost.png"))
+    return 0
+
+
+def _plot(rows: list[dict[str, Any]], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    contexts = sorted({r["context"] for r in rows})
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(variants)
+    for i, name in enumerate(variants):
+        values = [next(r["step_ms"] for r in rows if r["context"] == c
+                       and r["variant"] == name) for c in contexts]
+        ax.bar([j + i * width for j in range(len(contexts))], values, width, label=name)
+    ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(contexts))])
+    ax.set_xticklabels([f"{c // 1024}k" for c in contexts])
+    ax.set_ylabel("ms per step (one request)")
+    ax.set_title("LongSpec step vs plain decode step")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
