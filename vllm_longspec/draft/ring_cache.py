@@ -32,6 +32,11 @@ class DraftKVRing:
     def nbytes_per_request(self) -> int:
         return self.nbytes // self.k.shape[0]
 
+    @property
+    def rows_in_use(self) -> int:
+        """Rows held by requests (finished requests' rows are released at the next step)."""
+        return len(self._row_of)
+
     def rows(self, req_ids: list[str], keep: set[str]) -> list[int]:
         """Rows of `req_ids`, allocating new ones; rows of requests outside `keep` are
         reclaimed when none is free."""

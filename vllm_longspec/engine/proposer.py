@@ -31,6 +31,7 @@ from ..draft.checkpoint import build_draft_layer, check_draft_fits_target, load_
 from ..draft.model import DraftArchitecture, LongSpecDraftLayer
 from ..draft.ring_cache import DraftKVRing
 from ..draft.rope import rope_from_vllm_rotary
+from ..health.guard import drafting_guard
 from .draft_attention import paged_prefix_attention, ring_self_attention
 
 logger = logging.getLogger("vllm_longspec")
@@ -59,7 +60,8 @@ class LongSpecProposer:
         self.depth = self.config.num_speculative_tokens
         self._step: vllm_api.RunnerStep | None = None
         self.draft: LongSpecDraftLayer | None = None
-        self.stats = {"steps": 0, "drafted_requests": 0, "skipped_short_prompt": 0}
+        self.stats = {"steps": 0, "drafted_requests": 0, "skipped_short_prompt": 0,
+                      "skipped_max_model_len": 0}
 
     # ------------------------------------------------------------------ setup
     def load_model(self, target_model: Any) -> None:
@@ -94,6 +96,7 @@ class LongSpecProposer:
         return vllm_api.paged_kv_views(self._target_attn.kv_cache, self.arch.head_dim)
 
     # ------------------------------------------------------------------ drafting
+    @drafting_guard  # a drafting error decodes the step without drafts; stats go to /metrics
     @torch.inference_mode()
     def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray,
                 token_ids_cpu: np.ndarray, slot_mappings: Any = None) -> list[list[int]]:
@@ -111,6 +114,7 @@ class LongSpecProposer:
                 self.stats["skipped_short_prompt"] += 1
                 continue
             if int(num_tokens_no_spec[i]) + 1 >= self.max_model_len:
+                self.stats["skipped_max_model_len"] += 1
                 continue
             batch.append(i)
         if not batch:
