@@ -9,7 +9,7 @@ with it every request on the server.
 After every step the guard publishes the proposer's ``stats`` (a dict of int counters) and the
 draft ring's rows in use to this worker's health file (see `channel`), for ``/metrics``.
 
-Fault injection for reliability tests: with ``VLLM_LONGSPEC_INJECT_DRAFT_ERRORS=N`` every N-th
+Fault injection for reliability tests: with ``LONGSPEC_INJECT_DRAFT_ERRORS=N`` every N-th
 drafting step raises `InjectedDraftingError` before drafting.
 """
 
@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from .channel import HEALTH_DIR_ENV, WorkerHealthFile
 
-INJECT_ENV = "VLLM_LONGSPEC_INJECT_DRAFT_ERRORS"
+INJECT_ENV = "LONGSPEC_INJECT_DRAFT_ERRORS"
 # Full tracebacks for the first few errors, then one line every `_LOG_EVERY` errors.
 _LOG_FIRST = 3
 _LOG_EVERY = 1000
@@ -31,7 +31,7 @@ logger = logging.getLogger("vllm_longspec")
 
 
 class InjectedDraftingError(RuntimeError):
-    """Raised on purpose by the fault injector (``VLLM_LONGSPEC_INJECT_DRAFT_ERRORS``)."""
+    """Raised on purpose by the fault injector (``LONGSPEC_INJECT_DRAFT_ERRORS``)."""
 
 
 class _WorkerHealth:
@@ -72,6 +72,11 @@ def _health_of(proposer: Any) -> _WorkerHealth:
     if health is None:
         health = proposer.__dict__["_longspec_health"] = _WorkerHealth(proposer)
     return health
+
+
+def publish(proposer: Any) -> None:
+    """Publishes `proposer`'s counters now (for counts made outside ``propose``)."""
+    _health_of(proposer).publish(proposer)
 
 
 def drafting_guard(propose: Callable[..., list[list[int]]]) -> Callable[..., list[list[int]]]:
