@@ -5,7 +5,7 @@ server that serves ``/metrics``. So each worker mirrors its counters into a smal
 file, written in place every step (no system call), and the API server reads the files when
 ``/metrics`` is scraped:
 
-    $VLLM_LONGSPEC_HEALTH_DIR/worker-<pid>.bin
+    $LONGSPEC_HEALTH_DIR/worker-<pid>.bin
 
 `ensure_health_dir_env` picks the folder in a server's first process (``register()`` runs there
 before vLLM starts the engine core and the workers, which inherit the environment; processes
@@ -31,7 +31,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Mapping
 
-HEALTH_DIR_ENV = "VLLM_LONGSPEC_HEALTH_DIR"
+# Not VLLM_*: vLLM warns about (or refuses) unknown VLLM_* environment variables.
+HEALTH_DIR_ENV = "LONGSPEC_HEALTH_DIR"
 
 _MAGIC = b"LSHLTH01"
 _HEADER = struct.Struct("<8sqiii")   # magic, pid, dp_rank, tp_rank, num_slots
@@ -53,14 +54,14 @@ def ensure_health_dir_env() -> str:
     path = os.environ.get(HEALTH_DIR_ENV)
     if path and multiprocessing.parent_process() is not None:
         return path  # an engine core or worker of a server: use the server's folder
-    if path and os.environ.get("_VLLM_LONGSPEC_HEALTH_OWNER") == str(os.getpid()):
+    if path and os.environ.get("_LONGSPEC_HEALTH_OWNER") == str(os.getpid()):
         return path
     # A new server (or an offline engine): never share a folder inherited from the shell or a
     # test runner with another server.
     path = os.path.join(tempfile.gettempdir(),
                         f"vllm-longspec-health-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     os.environ[HEALTH_DIR_ENV] = path
-    os.environ["_VLLM_LONGSPEC_HEALTH_OWNER"] = str(os.getpid())
+    os.environ["_LONGSPEC_HEALTH_OWNER"] = str(os.getpid())
     atexit.register(shutil.rmtree, path, True)
     return path
 
