@@ -38,6 +38,7 @@ setup(
         "vllm_longspec.engine",
         "vllm_longspec.health",
         "vllm_longspec.models",
+        "vllm_longspec.reliability",
         "vllm_longspec.testing",
         "vllm_longspec.train",
         # `triton_kernels/` is installed as `vllm_longspec_kernels`: the name `triton_kernels`

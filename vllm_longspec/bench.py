@@ -8,6 +8,7 @@ import importlib
 BENCHMARKS = {
     "memory": "bench_draft_memory",
     "tree-attention": "bench_tree_attention",
+    "reliability": "reliability",
 }
 
 
