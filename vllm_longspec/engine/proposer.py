@@ -40,6 +40,7 @@ from ..draft.ring_cache import DraftKVRing
 from ..draft.rope import rope_from_vllm_rotary
 from vllm_longspec_kernels import attend_paged_prefix
 
+from ..health.guard import drafting_guard
 from .beam_tree import best_path, expand_level, tree_node_offsets
 from .draft_attention import ring_self_attention
 from .tree_step import DraftedTree, TreeVerifier
@@ -70,7 +71,8 @@ class LongSpecProposer:
         self._step: vllm_api.RunnerStep | None = None
         self.draft: LongSpecDraftLayer | None = None
         self.stats = {"steps": 0, "drafted_requests": 0, "skipped_short_prompt": 0,
-                      "chain_fallback_sampling": 0, "draft_seconds": 0.0}
+                      "chain_fallback_sampling": 0, "draft_seconds": 0.0,
+                      "skipped_max_model_len": 0}
         # benchmarks/bench_step_cost.py: device-synchronised wall time of every drafting step
         self._time_drafting = os.environ.get("LONGSPEC_TIME_DRAFTING") == "1"
 
@@ -115,6 +117,7 @@ class LongSpecProposer:
                                        self._target_attn)
 
     # ------------------------------------------------------------------ drafting
+    @drafting_guard  # a drafting error decodes the step without drafts; stats go to /metrics
     @torch.inference_mode()
     def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray,
                 token_ids_cpu: np.ndarray, slot_mappings: Any = None) -> list[list[int]]:
@@ -147,6 +150,7 @@ class LongSpecProposer:
                 self.stats["skipped_short_prompt"] += 1
                 continue
             if int(num_tokens_no_spec[i]) + 1 >= self.max_model_len:
+                self.stats["skipped_max_model_len"] += 1
                 continue
             batch.append(i)
         if self.tree_verifier is not None:

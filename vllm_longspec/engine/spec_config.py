@@ -20,8 +20,8 @@ import os
 from typing import Any
 
 from ..config import LongSpecConfig, LongSpecConfigError
-from ..draft.checkpoint import (DraftCheckpointError, check_draft_fits_target, is_draft_folder,
-                                load_draft_header)
+from ..draft.checkpoint import (DraftCheckpointError, check_draft_fits_target,
+                                check_draft_weights, is_draft_folder, load_draft_header)
 from ..draft.model import DraftArchitecture
 
 PROPOSER_CLASS = "vllm_longspec.engine.proposer.LongSpecProposer"
@@ -38,6 +38,15 @@ def wants_longspec(spec: dict[str, Any] | None) -> bool:
     return method is None and isinstance(model, str) and "/" in model and is_draft_folder(model)
 
 
+def _user_options(additional_config: dict[str, Any] | None) -> dict[str, Any]:
+    """A copy of ``additional_config["longspec"]`` (empty when absent)."""
+    options = (additional_config or {}).get(METHOD)
+    if options is not None and not isinstance(options, dict):
+        raise LongSpecConfigError(
+            f'additional_config["longspec"] must be a JSON object, got {options!r}')
+    return dict(options or {})
+
+
 def resolve_longspec(spec: dict[str, Any], additional_config: dict[str, Any] | None,
                      target_hf_config: Any) -> tuple[dict[str, Any], LongSpecConfig]:
     """Returns (vLLM speculative_config dict, validated LongSpecConfig).
@@ -46,7 +55,7 @@ def resolve_longspec(spec: dict[str, Any], additional_config: dict[str, Any] | N
         LongSpecConfigError / DraftCheckpointError naming the problem.
     """
     spec = {k.replace("-", "_"): v for k, v in spec.items()}
-    options = dict((additional_config or {}).get(METHOD) or {})
+    options = _user_options(additional_config)
     draft = spec.get("model")
     if draft == METHOD:
         draft = None  # --speculative-model longspec: the draft comes from --longspec-draft
@@ -62,6 +71,7 @@ def resolve_longspec(spec: dict[str, Any], additional_config: dict[str, Any] | N
                                               options)
     check_draft_fits_target(header.arch, DraftArchitecture.from_hf_config(target_hf_config),
                             draft_path)
+    check_draft_weights(draft_path)
     passthrough = {k: v for k, v in spec.items() if k not in _OWN_KEYS}
     vllm_spec = {"method": "custom_class", "model": PROPOSER_CLASS,
                  "num_speculative_tokens": config.num_draft_tokens, **passthrough}
@@ -145,7 +155,7 @@ def apply_cli_flags(engine_args: Any, args: argparse.Namespace) -> None:
         return
     if engine_args.speculative_config:
         raise LongSpecConfigError("--speculative-model and --speculative-config are exclusive")
-    options: dict[str, Any] = dict((engine_args.additional_config or {}).get(METHOD) or {})
+    options = _user_options(engine_args.additional_config)
     for dest, key in (("longspec_tree_widths", "tree_widths"), ("longspec_window", "window"),
                       ("longspec_min_prompt_len", "min_prompt_len")):
         value = getattr(args, dest, None)
