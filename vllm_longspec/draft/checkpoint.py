@@ -133,7 +133,14 @@ def build_draft_layer(ckpt: DraftCheckpoint, dtype: torch.dtype = torch.float32,
                       device: torch.device | str = "cpu") -> LongSpecDraftLayer:
     """Builds the draft layer from a checkpoint, checking every tensor's name, shape and values."""
     layer = LongSpecDraftLayer(ckpt.arch)
-    expected = layer.state_dict()
+    check_state_dict(ckpt, {k: tuple(t.shape) for k, t in layer.state_dict().items()})
+    layer.load_state_dict(ckpt.state_dict)
+    return layer.to(device=device, dtype=dtype).eval()
+
+
+def check_state_dict(ckpt: DraftCheckpoint, expected: dict[str, tuple[int, ...]]) -> None:
+    """Raises `DraftCheckpointError` unless the checkpoint holds exactly the `expected` tensor
+    names with those shapes, all finite."""
     missing = sorted(set(expected) - set(ckpt.state_dict))
     unexpected = sorted(set(ckpt.state_dict) - set(expected))
     if missing or unexpected:
@@ -141,14 +148,12 @@ def build_draft_layer(ckpt: DraftCheckpoint, dtype: torch.dtype = torch.float32,
             f"LongSpec draft {ckpt.path!r} does not match the draft layout: missing {missing}, "
             f"unexpected {unexpected}")
     for name, tensor in ckpt.state_dict.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
+        if tuple(tensor.shape) != tuple(expected[name]):
             raise DraftCheckpointError(
                 f"LongSpec draft tensor {name} has shape {tuple(tensor.shape)}, expected "
-                f"{tuple(expected[name].shape)} from its config.json")
+                f"{tuple(expected[name])} from its config.json")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise DraftCheckpointError(f"LongSpec draft tensor {name} contains NaN or Inf")
-    layer.load_state_dict(ckpt.state_dict)
-    return layer.to(device=device, dtype=dtype).eval()
 
 
 def check_draft_fits_target(draft: DraftArchitecture, target: DraftArchitecture,

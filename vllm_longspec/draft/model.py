@@ -176,16 +176,22 @@ class LongSpecDraftLayer(nn.Module):
         v = self.self_attn.v_proj(x)
         q, k = rope(positions, q, k)
         attn = self_attend(q.reshape(n, hq, d), k.reshape(n, hk, d), v.reshape(n, hk, d))
-        h = h + self.self_attn.o_proj(attn.reshape(n, hq * d).to(h.dtype))
+        h = h + self.reduce_partial(self.self_attn.o_proj(attn.reshape(n, hq * d).to(h.dtype)))
 
         x = self.post_self_attention_layernorm(h)
         qc = self.cross_attn.q_proj(x)
         qc, _ = rope(positions, qc, None)
         attn = cross_attend(qc.reshape(n, hq, d))
-        h = h + self.cross_attn.o_proj(attn.reshape(n, hq * d).to(h.dtype))
+        h = h + self.reduce_partial(self.cross_attn.o_proj(attn.reshape(n, hq * d).to(h.dtype)))
 
-        h = h + self.mlp(self.post_cross_attention_layernorm(h))
+        h = h + self.reduce_partial(self.mlp(self.post_cross_attention_layernorm(h)))
         return h
+
+    def reduce_partial(self, x: torch.Tensor) -> torch.Tensor:
+        """Output of a row-parallel projection (o_proj, down_proj) before the residual add:
+        complete here; a tensor-parallel shard sums the ranks' partial outputs
+        (`draft.sharding.ShardedDraftLayer`)."""
+        return x
 
 
 def init_draft_weights(layer: LongSpecDraftLayer, seed: int = 0, std: float = 0.02,
