@@ -34,15 +34,16 @@ import torch
 
 from ..compat import vllm_api
 from ..config import LongSpecConfig
-from ..draft.checkpoint import build_draft_layer, check_draft_fits_target, load_draft_checkpoint
+from ..draft.checkpoint import check_draft_fits_target, load_draft_checkpoint
 from ..draft.model import DraftArchitecture, LongSpecDraftLayer
 from ..draft.ring_cache import DraftKVRing
 from ..draft.rope import rope_from_vllm_rotary
 from vllm_longspec_kernels import attend_paged_prefix
 
 from ..health.guard import drafting_guard
-from .beam_tree import best_path, expand_level, tree_node_offsets
+from .beam_tree import best_path, tree_node_offsets
 from .draft_attention import ring_self_attention
+from .tp_draft import build_draft_on_rank
 from .tree_step import DraftedTree, TreeVerifier
 
 logger = logging.getLogger("vllm_longspec")
@@ -86,21 +87,24 @@ class LongSpecProposer:
             ckpt.arch,
             DraftArchitecture.from_hf_config(vllm_api.target_hf_config(self.vllm_config)),
             self.config.draft)
-        self.draft = build_draft_layer(ckpt, dtype=self.target.dtype, device=self.target.device)
+        # Under tensor parallelism: this rank's shard of the draft and of the lm_head.
+        on_rank = build_draft_on_rank(ckpt, target_model, self.target, self.vllm_config)
+        self.draft, self.vocab_head = on_rank.draft, on_rank.head
         self.arch = ckpt.arch
         self.rope = rope_from_vllm_rotary(self.target.rotary)
         self.ring = DraftKVRing(self.max_num_reqs, self.config.window,
-                                ckpt.arch.num_key_value_heads, ckpt.arch.head_dim,
+                                on_rank.num_kv_heads, ckpt.arch.head_dim,
                                 self.target.dtype, self.target.device)
         self._target_attn = None
         if self.tree_verifier is not None:
             vllm_api.check_tree_cudagraphs(self.vllm_config)
             self.tree_verifier.install()
+            self.tree_verifier.comm = on_rank.comm
         shape = (f"tree {list(self.widths)}" if self.tree_verifier is not None
                  else f"chain of {self.depth}")
-        logger.info("LongSpec draft %s loaded: window %d, %s, ring %.1f KiB/request",
-                    self.config.draft, self.config.window, shape,
-                    self.ring.nbytes_per_request / 1024)
+        logger.info("LongSpec draft %s loaded: window %d, %s, ring %.1f KiB/request "
+                    "(TP rank %d of %d)", self.config.draft, self.config.window, shape,
+                    self.ring.nbytes_per_request / 1024, on_rank.rank, on_rank.world_size)
 
     def begin_step(self, step: vllm_api.RunnerStep) -> None:
         """Called by the runner hook right before `propose`."""
@@ -288,9 +292,7 @@ class LongSpecProposer:
             positions = (root_pos + level).repeat_interleave(nodes_here)
             hidden = self.draft(self.target.embed(query.reshape(-1)), positions, self.rope,
                                 self_attend, cross_attend)
-            logits = self.target.compute_logits(hidden).float()
-            logprobs = torch.log_softmax(logits, dim=-1).reshape(batch_size, nodes_here, -1)
-            grown = expand_level(logprobs, scores, width)
+            grown = self.vocab_head.expand_level(hidden, scores, width)
             new_nodes = torch.arange(offsets[level], offsets[level] + width, device=device)
             new_nodes = new_nodes.unsqueeze(0).expand(batch_size, -1)
             parent_ids = level_nodes.gather(1, grown.parent_local)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..compat import vllm_api
+from .tp_agreement import agree_on_acceptance
 from .tree_acceptance import accept_trees, compaction_slots
 from .verification import (TreeRowCandidate, TreeVerificationPlan, active_plan, build_plan,
                            set_active_plan)
@@ -42,6 +43,7 @@ class TreeVerifier:
     trees: dict[str, DraftedTree] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=lambda: {
         "tree_rows": 0, "tree_tokens_accepted": 0, "tree_rows_skipped": 0})
+    comm: Any = None  # draft.sharding.TPComm under tensor parallelism (set by the proposer)
     _slots: torch.Tensor | None = None
     _kv_table: Any = None
     _kv_views: list | None = None
@@ -103,6 +105,8 @@ class TreeVerifier:
         results = accept_trees(logits, plan, runner.input_batch.sampling_metadata,
                                runner.input_batch.num_reqs,
                                vllm_api.apply_sampling_constraints)
+        if self.comm is not None:  # tensor parallelism: every rank keeps rank 0's paths
+            results = agree_on_acceptance(results, plan, self.comm, self.stats)
         out = sampler_output.sampled_token_ids
         width = out.shape[1]
         rows = torch.full((plan.num_rows, width), -1, dtype=out.dtype)
