@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass
 class EngineRun:
     token_ids: list[list[int]]
     counters: dict[str, Any] = field(default_factory=dict)
+    probe: Any = None  # what `after(llm)` returned
 
     @property
     def acceptance_rate(self) -> float:
@@ -20,10 +21,13 @@ class EngineRun:
 def generate(target: str, prompts: list[list[int]], *, max_tokens: int = 32,
              temperature: float = 0.0, seed: int | None = None, n: int = 1,
              speculative_config: dict | None = None, additional_config: dict | None = None,
-             per_prompt: list[dict] | None = None, **engine_kwargs: Any) -> EngineRun:
+             per_prompt: list[dict] | None = None, before: Callable[[Any], Any] | None = None,
+             after: Callable[[Any], Any] | None = None, **engine_kwargs: Any) -> EngineRun:
     """Greedy (or sampled) generation of `prompts` (token ids) on one engine.
 
-    `per_prompt`: optional SamplingParams overrides, one dict per prompt (mixed batches)."""
+    `per_prompt`: optional SamplingParams overrides, one dict per prompt (mixed batches).
+    `before(llm)` / `after(llm)`: run on the ``LLM`` around generation (e.g. worker probes
+    through ``llm.collective_rpc``); what `after` returns is ``EngineRun.probe``."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -44,11 +48,14 @@ def generate(target: str, prompts: list[list[int]], *, max_tokens: int = 32,
         params: Any = SamplingParams(**base)
         if per_prompt is not None:
             params = [SamplingParams(**{**base, **extra}) for extra in per_prompt]
+        if before is not None:
+            before(llm)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
                             use_tqdm=False)
         token_ids = [list(c.token_ids) for o in outs for c in o.outputs]
         counters = engine_counters(llm)
+        probe = after(llm) if after is not None else None
     finally:
         shutdown_llm(llm)
         del llm
-    return EngineRun(token_ids=token_ids, counters=counters)
+    return EngineRun(token_ids=token_ids, counters=counters, probe=probe)
