@@ -150,4 +150,5 @@ def test_tree_tp2_ranks_agree(runs):
         # every scheduled tree (rank 0's drafts) is the tree this rank drafted itself
         assert tree["tree_rows_skipped"] == 0, r
         assert tree.get("tp_disagreements", 0) == 0, r
+        assert tree.get("tp_tree_rows_dropped", 0) == 0, r
     assert ranks[0]["tree_stats"] == ranks[1]["tree_stats"]

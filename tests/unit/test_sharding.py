@@ -100,6 +100,11 @@ def test_acceptance_is_rank_zeros_on_every_rank(ranks):
     assert [r["disagreements"] for r in ranks] == [0, 1]
 
 
+def test_tree_rows_are_those_every_rank_holds(ranks):
+    assert [r["tree_rows"] for r in ranks] == [[2], [2]]
+    assert [r["tree_rows_dropped"] for r in ranks] == [1, 1]
+
+
 # ------------------------------------------------------------------ no processes needed
 def test_head_shard_follows_vllm_split():
     arch = DraftArchitecture(hidden_size=64, num_attention_heads=8, num_key_value_heads=2,

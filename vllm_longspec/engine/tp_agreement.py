@@ -1,4 +1,12 @@
-"""Tree acceptance that every tensor-parallel rank agrees on.
+"""Tree verification that every tensor-parallel rank agrees on.
+
+Which rows verify a tree: rank 0's drafts are what the scheduler scheduled, and a rank treats a
+row as a tree only if it drafted that very tree itself. Ranks draft identically, but a drafting
+step that failed on one rank only (the drafting guard then answers "no drafts" there) would leave
+that rank without the tree; its positions, attention and compaction would then differ from the
+other ranks' and its KV shard would go wrong silently. So the ranks intersect their tree rows
+(one all-reduce of a [num_reqs] mask); a row some rank lacks is verified as a chain everywhere,
+which is lossless for any draft list.
 
 Each TP rank verifies the step's trees on its own copy of the (all-gathered) target logits and
 then compacts the accepted paths in its own shard of every layer's KV cache; vLLM returns rank 0's
@@ -13,7 +21,7 @@ import torch
 
 from ..draft.sharding import TPComm
 from .tree_acceptance import TreeAcceptance
-from .verification import TreeVerificationPlan
+from .verification import TreeRowCandidate, TreeVerificationPlan
 
 
 def pack_acceptance(results: list[TreeAcceptance], max_nodes: int,
@@ -49,3 +57,25 @@ def agree_on_acceptance(results: list[TreeAcceptance], plan: TreeVerificationPla
     if stats is not None:
         stats["tp_disagreements"] = stats.get("tp_disagreements", 0) + differ
     return results if differ == 0 else unpack_acceptance(agreed)
+
+
+def agree_on_tree_rows(candidates: list[TreeRowCandidate], num_reqs: int, comm: TPComm,
+                       device: torch.device | str = "cpu",
+                       stats: dict[str, int] | None = None) -> list[TreeRowCandidate]:
+    """The candidates whose row is a tree row on every rank (every rank must call this, with
+    possibly different candidates, whenever the step scheduled drafts).
+
+    Args:
+        candidates: this rank's tree rows of the step (``row`` indexes the batch).
+        num_reqs: rows in the batch (equal on all ranks).
+        stats: if given, ``stats["tp_tree_rows_dropped"]`` counts rows dropped here.
+    """
+    mine = torch.zeros(num_reqs, dtype=torch.int32)
+    if candidates:
+        mine[torch.tensor([c.row for c in candidates])] = 1
+    everywhere = comm.all_reduce(mine.to(device)).cpu() == comm.world_size
+    kept = [c for c in candidates if bool(everywhere[c.row])]
+    if stats is not None and len(kept) < len(candidates):
+        stats["tp_tree_rows_dropped"] = (stats.get("tp_tree_rows_dropped", 0)
+                                         + len(candidates) - len(kept))
+    return kept

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..compat import vllm_api
-from .tp_agreement import agree_on_acceptance
+from .tp_agreement import agree_on_acceptance, agree_on_tree_rows
 from .tree_acceptance import accept_trees, compaction_slots
 from .verification import (TreeRowCandidate, TreeVerificationPlan, active_plan, build_plan,
                            set_active_plan)
@@ -66,7 +66,8 @@ class TreeVerifier:
     # ------------------------------------------------------------------ per step
     def after_prepare_inputs(self, runner: Any, scheduler_output: Any) -> None:
         set_active_plan(None)
-        if not scheduler_output.scheduled_spec_decode_tokens or not self.trees:
+        if not scheduler_output.scheduled_spec_decode_tokens or (
+                not self.trees and self.comm is None):  # under TP all ranks go on (collective)
             return
         sched = vllm_api.scheduled_drafts(runner, scheduler_output)
         num_reqs = len(sched.req_ids)
@@ -88,6 +89,9 @@ class TreeVerifier:
                 num_scheduled=n, num_computed=int(sched.num_computed[row]),
                 parents=tree.parents, tokens=tree.tokens))
         positions = vllm_api.runner_positions(runner)
+        if self.comm is not None:  # tree rows only where every rank holds the scheduled tree
+            candidates = agree_on_tree_rows(candidates, num_reqs, self.comm, positions.device,
+                                            self.stats)
         plan, pos_index, pos_values = build_plan(candidates, num_draft, sched.total_tokens,
                                                  positions.device)
         if plan is None:

@@ -115,11 +115,21 @@ def rank_main(rank: int, world: int, init_file: str, folder: str, out_dir: str) 
 
         stats: dict[str, int] = {}
         agreed = agree_on_acceptance(mine, Plan, comm, stats)
+        # tree rows: rank 0 holds trees for rows 0 and 2, rank 1 for rows 2 and 3
+        from ..engine.tp_agreement import agree_on_tree_rows
+        from ..engine.verification import TreeRowCandidate
+
+        rows = [0, 2] if rank == 0 else [2, 3]
+        candidates = [TreeRowCandidate(row=r, req_id=str(r), query_start=0, num_scheduled=1,
+                                       num_computed=0, parents=None, tokens=None)
+                      for r in rows]
+        tree_rows = [c.row for c in agree_on_tree_rows(candidates, 5, comm, "cpu", stats)]
         torch.save(dict(hidden=hidden, k=k, v=v, tokens=level.tokens, parents=level.parent_local,
                         scores=level.scores, logprobs=logprobs, start=head.shard.start,
                         kv_heads=(layer.shard.kv_heads.start, layer.shard.kv_heads.stop),
                         agreed=[(a.tokens, a.nodes) for a in agreed],
-                        disagreements=stats["tp_disagreements"]),
+                        disagreements=stats["tp_disagreements"], tree_rows=tree_rows,
+                        tree_rows_dropped=stats["tp_tree_rows_dropped"]),
                    os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
     except BaseException:
