@@ -28,27 +28,7 @@ import sys
 import time
 from typing import Any
 
-LLAMA3_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096,
-                 intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=8, head_dim=128, vocab_size=128256, rms_norm_eps=1e-5,
-                 rope_theta=500000.0, max_position_embeddings=262144, torch_dtype="bfloat16",
-                 tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001)
-
-
-def llama3_8b_folder(root: str) -> str:
-    """A config-only Llama-3-8B folder (weights come from ``load_format="dummy"``)."""
-    folder = os.path.join(root, "llama3-8b-shape")
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(LLAMA3_8B, f, indent=1)
-    return folder
-
-
-def untrained_draft(root: str, target: str) -> str:
-    from vllm_longspec.testing.fixtures import make_tiny_draft
-
-    return make_tiny_draft(os.path.join(root, "untrained_draft"), target, seed=11)
-
+from .model_shapes import SHAPES, shape_folder, untrained_draft
 
 def measure(config: dict[str, Any]) -> dict[str, Any]:
     """One engine, one request: per-token decode time (runs in a child process)."""
@@ -133,8 +113,9 @@ def _run_child(config: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--target", default=None, help="model folder (default: Llama-3-8B "
-                        "shape with dummy weights)")
+    parser.add_argument("--target", default=None, help="model folder (default: --shape "
+                        "with dummy weights)")
+    parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     parser.add_argument("--draft", default=None, help="default: an untrained draft")
     parser.add_argument("--contexts", default="32768,131072")
     parser.add_argument("--tree-widths", default="4,16,16,16,16")
@@ -151,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.makedirs(args.out, exist_ok=True)
     dummy = args.target is None
-    target = args.target or llama3_8b_folder(args.out)
+    target = args.target or shape_folder(args.shape, args.out)
     draft = args.draft or untrained_draft(args.out, target)
     widths = [int(w) for w in args.tree_widths.split(",")]
     variants: list[tuple[str, dict | None, dict]] = [
@@ -186,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['x_plain_step']:>8.2f} {r['per_token_ms']:>9.2f} "
               f"{'-' if draft_ms is None else f'{draft_ms:.2f}':>9} "
               f"{r.get('draft_x_plain_step', float('nan')):>13.2f}")
-    report = {"target": "Llama-3-8B shape (dummy weights)" if dummy else target,
+    report = {"target": f"{args.shape} shape (dummy weights)" if dummy else target,
               "dtype": args.dtype, "eager": args.eager, "new_tokens": args.new_tokens,
               "rows": rows}
     with open(os.path.join(args.out, "step_cost.json"), "w") as f:

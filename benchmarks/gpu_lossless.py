@@ -79,9 +79,29 @@ def run(target: str, prompts: list[list[int]], max_tokens: int, spec: dict | Non
     return result
 
 
+def run_in_child(**config: Any) -> dict:
+    """`run` in a fresh process: vLLM keeps CUDA-graph memory pools per process, and a second
+    engine capturing graphs in the same process trips PyTorch's allocator."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, result_path = os.path.join(tmp, "config.json"), os.path.join(tmp, "out.json")
+        with open(spec_path, "w") as f:
+            json.dump(config, f)
+        proc = subprocess.run([sys.executable, "-m", "vllm_longspec_benchmarks.gpu_lossless",
+                               "--child", spec_path, "--child-out", result_path])
+        if proc.returncode != 0 or not os.path.exists(result_path):
+            raise RuntimeError(f"engine child failed ({proc.returncode})")
+        with open(result_path) as f:
+            return json.load(f)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", required=True)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--draft", default=None, help="default: an untrained draft")
     parser.add_argument("--code-dir", default="/usr/lib/python3.12")
     parser.add_argument("--lengths", default="1024,4096,8192,16384")
@@ -91,7 +111,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="verify token trees of these level widths, e.g. 4,16,16,16,16")
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--out", default="bench_out")
+    parser.add_argument("--target", required=False)
     args = parser.parse_args(argv)
+    if args.child is not None:
+        with open(args.child) as f:
+            result = run(**json.load(f))
+        with open(args.child_out, "w") as f:
+            json.dump(result, f)
+        return 0
     from transformers import AutoTokenizer
 
     os.makedirs(args.out, exist_ok=True)
@@ -104,15 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.target)
     lengths = [int(x) for x in args.lengths.split(",")]
     prompts = code_prompts(tokenizer, args.code_dir, lengths)
-    base = run(args.target, prompts, args.max_tokens, None, None, args.eager, logprobs=2)
+    base = run_in_child(target=args.target, prompts=prompts, max_tokens=args.max_tokens,
+                        spec=None, additional=None, eager=args.eager, logprobs=2)
     options: dict[str, Any] = {}
     k = args.k
     if args.tree_widths:
         options["tree_widths"] = [int(w) for w in args.tree_widths.split(",")]
         k = len(options["tree_widths"])
-    spec = run(args.target, prompts, args.max_tokens,
-               {"method": "longspec", "model": draft, "num_speculative_tokens": k},
-               {"longspec": options}, args.eager, logprobs=None)
+    spec = run_in_child(target=args.target, prompts=prompts, max_tokens=args.max_tokens,
+                        spec={"method": "longspec", "model": draft, "num_speculative_tokens": k},
+                        additional={"longspec": options}, eager=args.eager, logprobs=None)
     report = {"target": args.target, "draft": draft, "lengths": lengths, "k": k,
               "tree_widths": options.get("tree_widths"), "max_tokens": args.max_tokens,
               "requests": []}

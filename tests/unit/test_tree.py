@@ -127,6 +127,24 @@ def test_build_plan_positions_and_logits_offsets():
     assert dict(zip(index.tolist(), values.tolist())) == {5: 101, 6: 101, 7: 102, 8: 102, 9: 102}
 
 
+def test_plan_knows_when_its_tree_tokens_are_the_whole_step():
+    """Only then may the verifier skip the backend's own attention (see verify_attention)."""
+    def cand(row, start):
+        return TreeRowCandidate(row=row, req_id=str(row), query_start=start, num_scheduled=7,
+                                num_computed=10, parents=PARENTS, tokens=TOKENS)
+
+    whole, _, _ = build_plan([cand(0, 0), cand(1, 7)], np.array([6, 6]), 14, torch.device("cpu"))
+    assert whole.token_slice == slice(0, 14) and whole.covers_all_tokens
+    # a prefill row (3 tokens) before the trees: one slice, but not the whole step
+    after_prefill, _, _ = build_plan([cand(1, 3), cand(2, 10)], np.array([0, 6, 6]), 17,
+                                     torch.device("cpu"))
+    assert after_prefill.token_slice == slice(3, 17) and not after_prefill.covers_all_tokens
+    # a chain row (5 tokens) between two trees: no slice
+    split, _, _ = build_plan([cand(0, 0), cand(2, 12)], np.array([6, 4, 6]), 19,
+                             torch.device("cpu"))
+    assert split.token_slice is None and not split.covers_all_tokens
+
+
 def test_compaction_moves_the_accepted_path_next_to_the_root():
     cand = TreeRowCandidate(row=0, req_id="a", query_start=0, num_scheduled=7,
                             num_computed=50, parents=PARENTS, tokens=TOKENS)

@@ -43,6 +43,7 @@ from vllm_longspec_kernels import attend_paged_prefix
 from ..health.guard import drafting_guard
 from .beam_tree import best_path, tree_node_offsets
 from .draft_attention import ring_self_attention
+from .draft_graphs import DraftCudaGraphs, DraftInputs, draft_graphs_enabled
 from .tp_draft import build_draft_on_rank
 from .tree_step import DraftedTree, TreeVerifier
 
@@ -71,6 +72,7 @@ class LongSpecProposer:
         self.widths = self.config.level_widths
         self._step: vllm_api.RunnerStep | None = None
         self.draft: LongSpecDraftLayer | None = None
+        self.draft_graphs: DraftCudaGraphs | None = None
         self.stats = {"steps": 0, "drafted_requests": 0, "skipped_short_prompt": 0,
                       "chain_fallback_sampling": 0, "draft_seconds": 0.0,
                       "skipped_max_model_len": 0}
@@ -96,6 +98,10 @@ class LongSpecProposer:
                                 on_rank.num_kv_heads, ckpt.arch.head_dim,
                                 self.target.dtype, self.target.device)
         self._target_attn = None
+        if draft_graphs_enabled(self.target.device, self.vllm_config.model_config.enforce_eager,
+                                on_rank.comm is not None):
+            self.draft_graphs = DraftCudaGraphs(self._draft_tree_tensors, self.max_model_len,
+                                                self.target.device)
         if self.tree_verifier is not None:
             vllm_api.check_tree_cudagraphs(self.vllm_config)
             self.tree_verifier.install()
@@ -182,8 +188,9 @@ class LongSpecProposer:
         """BFS drafts for tree-eligible requests (remembered for verification); the best path
         as a chain for the others."""
         assert self.tree_verifier is not None
-        chains = best_path(parents, tree_node_offsets(self.widths)[-2]).tolist()
         parents_np = parents.cpu().numpy()
+        chains = best_path(torch.from_numpy(parents_np),  # host copy: no device syncs
+                           tree_node_offsets(self.widths)[-2]).tolist()
         for b, i in enumerate(batch):
             room = max(0, self.max_model_len - lengths[b] - 1)
             if vllm_api.tree_eligible(step.sampling_params[i]):
@@ -224,34 +231,56 @@ class LongSpecProposer:
     def _draft_tree(self, batch: list[int], rows: list[int], lengths: list[int],
                     roots: list[int], block_table: torch.Tensor
                     ) -> tuple[list[list[int]], torch.Tensor]:
-        """Drafts every request's tree, one draft forward per level for the whole batch.
+        """Drafts every request's tree, one draft forward per level for the whole batch
+        (replayed as one CUDA graph when `draft_graphs` allows).
 
         Returns:
             tokens: per request, the N draft tokens in BFS order (root excluded);
             parents: [B, N+1] BFS parents (root first, -1).
         """
+        inputs = DraftInputs.from_requests(
+            roots=roots, ring_rows=rows,
+            ring_valid=[min(n, self.config.window) for n in lengths],
+            root_positions=[n - 1 for n in lengths],
+            # The target has cached K/V for every committed token but the newest.
+            prefix_lens=[n - 1 for n in lengths],
+            block_table=block_table[torch.tensor(batch, device=block_table.device)])
+        if self.draft_graphs is not None and self.draft_graphs.covers(inputs):
+            tokens, parents = self.draft_graphs.run(inputs)
+        else:
+            tokens, parents = self._draft_tree_tensors(
+                inputs.to(self.target.device), max(inputs.prefix_lens_host))
+        return tokens.tolist(), parents
+
+    def _draft_tree_tensors(self, inputs: "DraftInputs", max_prefix: int
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The drafting of all levels on device tensors only (no host syncs: CUDA-graphable).
+
+        Args:
+            inputs: the batch's roots, ring rows, ring fill, positions, prefixes, block table,
+                on the device (padded rows are harmless: they only read).
+            max_prefix: an upper bound of ``inputs.prefix_lens`` (FlashAttention's
+                ``max_seqlen_k``); 0 skips the cross-attention (nothing cached yet).
+        Returns:
+            tokens [B, N] int64 (BFS order, root excluded), parents [B, N+1] int64.
+        """
         device = self.target.device
         scale = self.arch.head_dim ** -0.5
         k_cache, v_cache = self._target_kv()
-        batch_size = len(batch)
-        table = block_table[torch.tensor(batch, device=block_table.device)].to(torch.int32)
-        # The target has cached K/V for every committed token but the newest.
-        prefix_lens = [n - 1 for n in lengths]
-        prefix_t = torch.tensor(prefix_lens, dtype=torch.int32, device=device)
-        max_prefix = max(prefix_lens)
+        batch_size = inputs.roots.shape[0]
+        table = inputs.block_table
+        prefix_t = inputs.prefix_lens
         # FlashAttention over the paged cache on the GPU; plain torch on the CPU.
         prefix_backend = "auto" if device.type == "cuda" else "torch"
         num_nodes = 1 + sum(self.widths)
-        ring_rows = torch.tensor(rows, device=device)
-        ring_valid = torch.tensor([min(n, self.config.window) for n in lengths], device=device)
-        root_pos = torch.tensor([n - 1 for n in lengths], device=device)
+        ring_rows, ring_valid, root_pos = inputs.ring_rows, inputs.ring_valid, inputs.root_positions
         parents = torch.full((batch_size, num_nodes), -1, dtype=torch.long, device=device)
         # ancestors[b, i, j]: node j (>= 1) is node i or one of its ancestors.
         ancestors = torch.zeros(batch_size, num_nodes, num_nodes, dtype=torch.bool,
                                 device=device)
         scratch_k: torch.Tensor | None = None  # [B, S, Hk, D], tree nodes 1..S
         scratch_v: torch.Tensor | None = None
-        query = torch.tensor(roots, device=device).unsqueeze(1)  # [B, W] level's tokens
+        query = inputs.roots.unsqueeze(1)  # [B, W] the level's tokens
         scores = torch.zeros(batch_size, 1, device=device)
         level_nodes = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # BFS ids
         offsets = tree_node_offsets(self.widths)
@@ -298,12 +327,9 @@ class LongSpecProposer:
             parent_ids = level_nodes.gather(1, grown.parent_local)
             parents[:, offsets[level]:offsets[level] + width] = parent_ids
             inherited = ancestors.gather(1, parent_ids.unsqueeze(-1).expand(-1, -1, num_nodes))
-            inherited = inherited.clone()
-            inherited[torch.arange(batch_size, device=device).unsqueeze(1).expand(-1, width),
-                      torch.arange(width, device=device).unsqueeze(0).expand(batch_size, -1),
-                      new_nodes] = True
+            # Each new node is its own "ancestor" (it sees itself).
+            inherited = inherited.scatter(2, new_nodes.unsqueeze(-1), True)
             ancestors[:, offsets[level]:offsets[level] + width] = inherited
             levels.append(grown.tokens)
             query, scores, level_nodes = grown.tokens, grown.scores, new_nodes
-        tokens = torch.cat(levels, dim=1).tolist()
-        return tokens, parents
+        return torch.cat(levels, dim=1), parents

@@ -60,7 +60,17 @@ class TreeVerificationPlan:
     num_actual_tokens: int
     max_nodes: int
     max_prefix_len: int
+    # The tree tokens as one slice of the step's input when they are contiguous (a batch whose
+    # tree rows are adjacent, e.g. every batch of tree rows only): gathers become views.
+    token_slice: slice | None = None
     tree_mask: torch.Tensor | None = None  # [T, W] int32 ancestor bitmask, built on first use
+    block_table: torch.Tensor | None = None  # [R, max_blocks] int32, built on first use
+
+    @property
+    def covers_all_tokens(self) -> bool:
+        """Every token of the step is a tree token (no other row to attend for)."""
+        return self.token_slice is not None and self.token_slice.start == 0 and \
+            self.token_slice.stop == self.num_actual_tokens
 
     @property
     def num_rows(self) -> int:
@@ -126,10 +136,12 @@ def build_plan(candidates: list[TreeRowCandidate], num_draft_per_row: np.ndarray
     def to_dev(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
 
+    flat_index = np.concatenate(token_index)
+    contiguous = bool(np.all(np.diff(flat_index) == 1))
     plan = TreeVerificationPlan(
         rows=to_dev(np.array([c.row for c in candidates]), torch.int64),
         req_ids=[c.req_id for c in candidates],
-        token_index=to_dev(np.concatenate(token_index), torch.int64),
+        token_index=to_dev(flat_index, torch.int64),
         cu_seqlens=to_dev(np.array(cu), torch.int32),
         prefix_lens=to_dev(np.array(prefix_lens), torch.int32),
         parents=to_dev(np.concatenate(parents_all), torch.int64),
@@ -139,6 +151,7 @@ def build_plan(candidates: list[TreeRowCandidate], num_draft_per_row: np.ndarray
         num_actual_tokens=num_actual_tokens,
         max_nodes=max(c.num_scheduled for c in candidates),
         max_prefix_len=max(prefix_lens),
+        token_slice=(slice(int(flat_index[0]), int(flat_index[-1]) + 1) if contiguous else None),
     )
     return (plan, to_dev(np.concatenate(pos_index), torch.int64),
             to_dev(np.concatenate(pos_values), torch.int64))

@@ -31,11 +31,30 @@ def _tree_mask(plan: TreeVerificationPlan) -> torch.Tensor:
     return plan.tree_mask
 
 
+def _rows_block_table(plan: TreeVerificationPlan, block_table: torch.Tensor) -> torch.Tensor:
+    """The tree rows' block table, gathered once per step (every layer shares it)."""
+    if plan.block_table is None:
+        plan.block_table = block_table[plan.rows].to(torch.int32)
+    return plan.block_table
+
+
+def _kv_views(kv_cache: torch.Tensor, head_size: int, layer: Any
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, V) views of a layer's paged cache, built once per cache tensor (kept on the layer,
+    so they die with the engine)."""
+    key = (kv_cache.data_ptr(), tuple(kv_cache.shape))
+    cached = getattr(layer, "_longspec_kv_views", None)
+    if cached is None or cached[0] != key:
+        cached = (key, vllm_api.paged_kv_views(kv_cache, head_size, layer))
+        layer._longspec_kv_views = cached
+    return cached[1]
+
+
 def tree_rows_attention(plan: TreeVerificationPlan, layer: Any, query: torch.Tensor,
                         key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                         block_table: torch.Tensor,
                         num_heads: int, num_kv_heads: int, head_size: int,
-                        scale: float) -> torch.Tensor:
+                        scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention output of the plan's tree tokens.
 
     Args:
@@ -43,44 +62,56 @@ def tree_rows_attention(plan: TreeVerificationPlan, layer: Any, query: torch.Ten
         query: [num_tokens, Hq(*D)] the step's queries; key/value: [num_tokens, Hk(*D)].
         kv_cache: the layer's paged cache (vLLM layout; the step's K/V already written).
         block_table: [num_reqs, max_blocks] the step's block table (kernel blocks).
+        out: optional [T, Hq, D] buffer for the result (e.g. a slice of the layer's output).
     Returns:
-        [T, Hq, D] in query's dtype, rows in ``plan.token_index`` order.
+        [T, Hq, D] (``out`` when given, else query's dtype), rows in ``plan.token_index`` order.
     """
     from vllm_longspec_kernels import hybrid_tree_attention
 
-    idx = plan.token_index
-    q = query.view(query.shape[0], num_heads, head_size)[idx]
-    k = key.view(key.shape[0], num_kv_heads, head_size)[idx]
-    v = value.view(value.shape[0], num_kv_heads, head_size)[idx]
-    k_cache, v_cache = vllm_api.paged_kv_views(kv_cache, head_size, layer)
+    rows = plan.token_slice if plan.token_slice is not None else plan.token_index
+    q = query.view(query.shape[0], num_heads, head_size)[rows]
+    k = key.view(key.shape[0], num_kv_heads, head_size)[rows]
+    v = value.view(value.shape[0], num_kv_heads, head_size)[rows]
+    k_cache, v_cache = _kv_views(kv_cache, head_size, layer)
     on_gpu = q.is_cuda
     return hybrid_tree_attention(
-        q, k_cache, v_cache, block_table[plan.rows].to(torch.int32), plan.prefix_lens, k, v,
+        q, k_cache, v_cache, _rows_block_table(plan, block_table), plan.prefix_lens, k, v,
         plan.cu_seqlens, _tree_mask(plan), scale, max_seqlen_q=plan.max_nodes,
-        max_prefix_len=plan.max_prefix_len,
+        max_prefix_len=plan.max_prefix_len, out=out,
         prefix_backend="auto" if on_gpu else "torch",
         tree_backend="auto" if on_gpu else "torch")
 
 
 def wrap_attention_forward(impl: Any, original: Callable[..., torch.Tensor]
                            ) -> Callable[..., torch.Tensor]:
-    """``impl.forward`` that fixes up the tree rows of the active plan after the backend ran."""
+    """``impl.forward`` with the tree rows of the active plan attended by hybrid attention.
+
+    When every token of the step is a tree token the backend's own attention is skipped (the
+    K/V were written by vLLM's separate cache-update op before this call); otherwise the
+    backend attends every row and the tree rows are then overwritten."""
 
     def forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
-        result = original(layer, query, key, value, kv_cache, attn_metadata, output,
-                          *args, **kwargs)
         plan = active_plan()
         if plan is None or attn_metadata is None:
-            return result
+            return original(layer, query, key, value, kv_cache, attn_metadata, output,
+                            *args, **kwargs)
         if int(attn_metadata.num_actual_tokens) != plan.num_actual_tokens:
             raise RuntimeError(
                 "LongSpec tree verification: the attention batch has "
                 f"{attn_metadata.num_actual_tokens} tokens but the step's plan "
                 f"{plan.num_actual_tokens}")
+        out_view = output.view(output.shape[0], impl.num_heads, impl.head_size)
+        if plan.covers_all_tokens and output.dtype == query.dtype:
+            tree_rows_attention(plan, layer, query, key, value, kv_cache,
+                                attn_metadata.block_table, impl.num_heads, impl.num_kv_heads,
+                                impl.head_size, impl.scale,
+                                out=out_view[:plan.num_actual_tokens])
+            return output
+        result = original(layer, query, key, value, kv_cache, attn_metadata, output,
+                          *args, **kwargs)
         tree_out = tree_rows_attention(
             plan, layer, query, key, value, kv_cache, attn_metadata.block_table, impl.num_heads,
             impl.num_kv_heads, impl.head_size, impl.scale)
-        out_view = output.view(output.shape[0], impl.num_heads, impl.head_size)
         out_view[plan.token_index] = tree_out.to(output.dtype)
         return result
 

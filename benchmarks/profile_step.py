@@ -1,0 +1,255 @@
+"""Where one decode step's time goes: host work, GPU kernels and launches, per phase.
+
+Runs one engine (plain, a LongSpec chain or a LongSpec tree) on one long request, then profiles
+a few decode steps with ``torch.profiler`` (CPU + CUDA). Phases are marked by wrapping vLLM's
+and the plugin's step functions in ``record_function`` ranges *from here* (the plugin itself
+carries no profiling code). For every phase it prints, per step: calls, host (CPU) ms inclusive,
+GPU kernel ms inclusive, kernel launches and torch ops. It also writes the chrome trace.
+
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 python -m vllm_longspec_benchmarks.profile_step \\
+        --shape qwen2.5-1.5b --context 16384 --variant tree --out prof_out
+
+Use ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` so that the engine core and the worker run in this
+process (the ranges then cover everything).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gzip
+import importlib
+import json
+import os
+import shutil
+import time
+from typing import Any, Callable
+
+from .model_shapes import shape_folder, untrained_draft
+
+# (module, attribute path, phase name). Missing ones (another vLLM version, the other runner)
+# are skipped.
+PHASES: list[tuple[str, str, str]] = [
+    ("vllm.v1.engine.core", "EngineCore.step", "engine_step"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler.schedule", "schedule"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler.update_from_output", "update_from_output"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.execute_model", "execute_model"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._update_states", "update_states"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._prepare_inputs", "prepare_inputs"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._model_forward", "model_forward"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.sample_tokens", "sample_tokens"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._sample", "sample"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._bookkeeping_sync", "bookkeeping_sync"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.propose_draft_token_ids", "propose"),
+    ("vllm_longspec.engine.tree_step", "TreeVerifier.after_prepare_inputs", "ls.tree_plan"),
+    ("vllm_longspec.engine.tree_step", "TreeVerifier.after_sample", "ls.tree_accept+compact"),
+    ("vllm_longspec.engine.tree_step", "TreeVerifier._compact", "ls.compact"),
+    ("vllm_longspec.engine.tree_step", "accept_trees", "ls.accept_trees"),
+    ("vllm_longspec.engine.verify_attention", "tree_rows_attention", "ls.tree_rows_attention"),
+    ("vllm_longspec.engine.proposer", "LongSpecProposer._update_ring", "ls.ring_update"),
+    ("vllm_longspec.engine.proposer", "LongSpecProposer._draft_tree", "ls.draft_tree"),
+    ("vllm_longspec.engine.proposer", "LongSpecProposer._hand_over_trees", "ls.hand_over"),
+    ("vllm_longspec.draft.model", "LongSpecDraftLayer.forward", "ls.draft_layer"),
+    ("vllm_longspec.engine.proposer", "attend_paged_prefix", "ls.draft_cross_attention"),
+    ("vllm_longspec.engine.proposer", "ring_self_attention", "ls.draft_self_attention"),
+    ("vllm_longspec.engine.vocab_head", "DraftVocabHead.expand_level", "ls.expand_level"),
+]
+
+
+def _annotated(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    from torch.profiler import record_function
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with record_function(name):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def annotate_phases() -> list[str]:
+    """Wraps every importable phase function; returns the phases found."""
+    found = []
+    for module_name, path, name in PHASES:
+        try:
+            owner: Any = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        *parents, attr = path.split(".")
+        for part in parents:
+            owner = getattr(owner, part, None)
+        if owner is None or not hasattr(owner, attr):
+            continue
+        setattr(owner, attr, _annotated(getattr(owner, attr), name))
+        found.append(name)
+    return found
+
+
+def summarize(events: Any, phases: list[str], steps: int) -> list[dict[str, Any]]:
+    """Per phase, per step: calls, host ms, GPU kernel ms, kernel launches, torch ops."""
+
+    def walk(event: Any) -> tuple[int, int]:
+        kernels, ops = len(event.kernels), 0
+        for child in event.cpu_children:
+            k, o = walk(child)
+            kernels, ops = kernels + k, ops + o + (0 if child.name in phases else 1)
+        return kernels, ops
+
+    rows = {name: dict(phase=name, calls=0, host_ms=0.0, gpu_ms=0.0, launches=0, ops=0)
+            for name in phases}
+    for event in events:
+        row = rows.get(event.name)
+        if row is None or event.device_type.name != "CPU":  # not the GPU-side annotation
+            continue
+        kernels, ops = walk(event)
+        row["calls"] += 1
+        row["host_ms"] += event.cpu_time_total / 1e3
+        row["gpu_ms"] += event.device_time_total / 1e3
+        row["launches"] += kernels
+        row["ops"] += ops
+    out = []
+    for row in rows.values():
+        if row["calls"]:
+            out.append({k: (v / steps if isinstance(v, (int, float)) and k != "phase" else v)
+                        for k, v in row.items()})
+    return out
+
+
+def top_ops(events: Any, steps: int, limit: int = 30) -> list[dict[str, Any]]:
+    """The torch ops that cost the most host time (self), per step."""
+    table: dict[str, dict[str, float]] = {}
+    for event in events:
+        if event.name.startswith(("ls.", "engine_step")) or event.device_type.name != "CPU":
+            continue
+        row = table.setdefault(event.name, {"count": 0, "self_host_ms": 0.0, "gpu_ms": 0.0})
+        row["count"] += 1
+        row["self_host_ms"] += event.self_cpu_time_total / 1e3
+        row["gpu_ms"] += event.self_device_time_total / 1e3
+    ranked = sorted(table.items(), key=lambda kv: -kv[1]["self_host_ms"])[:limit]
+    return [{"op": name, **{k: v / steps for k, v in row.items()}} for name, row in ranked]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_longspec.compat.vllm_api import engine_counters, shutdown_llm
+
+    phases = annotate_phases()
+    target = args.target or shape_folder(args.shape, args.out)
+    kwargs: dict[str, Any] = dict(
+        model=target, dtype=args.dtype, max_model_len=args.context + args.steps * 8 + 512,
+        enforce_eager=args.eager, seed=0, max_num_seqs=4, skip_tokenizer_init=True,
+        enable_prefix_caching=False, gpu_memory_utilization=args.gpu_memory_utilization,
+        disable_log_stats=False)
+    if args.target is None:
+        kwargs["load_format"] = "dummy"
+    if args.variant != "plain":
+        draft = args.draft or untrained_draft(args.out, target)
+        widths = [int(w) for w in args.tree_widths.split(",")]
+        depth = len(widths) if args.variant == "tree" else args.k
+        kwargs["speculative_config"] = {"method": "longspec", "model": draft,
+                                        "num_speculative_tokens": depth}
+        kwargs["additional_config"] = {"longspec": (
+            {"tree_widths": widths} if args.variant == "tree" else {})}
+    llm = LLM(**kwargs)
+    engine = llm.llm_engine
+    with open(os.path.join(target, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    span = min(1000, vocab - 10)
+    prompt = TokensPrompt(prompt_token_ids=[(7 * i + 3) % span + 5
+                                            for i in range(args.context)])
+
+    def decode(request_id: str, max_tokens: int, profiler: Any = None) -> list[float]:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                                detokenize=False)
+        engine.add_request(request_id, prompt, params)
+        times, produced, profiling = [], 0, False
+        while engine.has_unfinished_requests():
+            if profiler is not None and produced >= 1 and not profiling:
+                profiler.start()  # decode steps only: the prefill is not profiled
+                profiling = True
+            start = time.perf_counter()
+            outputs = engine.step()
+            if produced >= 1:
+                times.append(time.perf_counter() - start)
+            for out in outputs:
+                produced = len(out.outputs[0].token_ids)
+        if profiling:
+            profiler.stop()
+        return times
+
+    try:
+        decode("warmup", 8)
+        plain_times = decode("timed", 1 + args.steps)
+        activities = [ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(ProfilerActivity.CUDA)
+        prof = profile(activities=activities, record_shapes=False)
+        profiled_times = decode("profiled", 1 + args.profile_steps, prof)
+        counters = engine_counters(llm)
+    finally:
+        shutdown_llm(llm)
+    steps = len(profiled_times)
+    events = prof.events()
+    trace = os.path.join(args.out, f"trace_{args.variant}.json")
+    prof.export_chrome_trace(trace)
+    with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    os.remove(trace)
+    gpu_busy = sum(e.self_device_time_total for e in events
+                   if e.device_type.name == "CPU") / 1e3 / steps
+    timed = sorted(plain_times)
+    return {"variant": args.variant, "shape": args.shape, "context": args.context,
+            "median_step_ms": timed[len(timed) // 2] * 1e3,
+            "mean_step_ms": sum(timed) / len(timed) * 1e3,
+            "profiled_step_ms": sum(profiled_times) / steps * 1e3,
+            "gpu_kernel_ms_per_step": gpu_busy,
+            "mean_acceptance_length": counters.get("mean_acceptance_length"),
+            "phases": summarize(events, phases, steps), "top_ops": top_ops(events, steps)}
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print(f"\n== {report['variant']} ({report['shape']}, {report['context']} tokens): "
+          f"median step {report['median_step_ms']:.2f} ms, mean {report['mean_step_ms']:.2f} ms "
+          f"(profiled {report['profiled_step_ms']:.2f} ms), GPU kernels "
+          f"{report['gpu_kernel_ms_per_step']:.2f} ms/step")
+    print(f"{'phase':<28} {'calls':>6} {'host ms':>8} {'GPU ms':>8} {'launches':>9} {'ops':>7}")
+    for row in report["phases"]:
+        print(f"{row['phase']:<28} {row['calls']:>6.1f} {row['host_ms']:>8.2f} "
+              f"{row['gpu_ms']:>8.2f} {row['launches']:>9.1f} {row['ops']:>7.1f}")
+    print(f"\n{'top torch ops by self host time':<44} {'count':>7} {'host ms':>8} {'GPU ms':>8}")
+    for row in report["top_ops"]:
+        print(f"{row['op'][:44]:<44} {row['count']:>7.1f} {row['self_host_ms']:>8.3f} "
+              f"{row['gpu_ms']:>8.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", choices=["plain", "chain", "tree"], default="tree")
+    parser.add_argument("--shape", default="qwen2.5-1.5b",
+                        help="dummy-weight target shape when --target is not given")
+    parser.add_argument("--target", default=None)
+    parser.add_argument("--draft", default=None, help="default: an untrained draft")
+    parser.add_argument("--context", type=int, default=16384)
+    parser.add_argument("--tree-widths", default="4,16,16,16,16")
+    parser.add_argument("--k", type=int, default=4, help="chain length")
+    parser.add_argument("--steps", type=int, default=32, help="timed steps (no profiler)")
+    parser.add_argument("--profile-steps", type=int, default=8)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--eager", action="store_true")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    parser.add_argument("--out", default="prof_out")
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    report = run(args)
+    print_report(report)
+    with open(os.path.join(args.out, f"profile_{args.variant}.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
