@@ -51,7 +51,7 @@ PHASES: list[tuple[str, str, str]] = [
     ("vllm_longspec.engine.proposer", "LongSpecProposer._hand_over_trees", "ls.hand_over"),
     ("vllm_longspec.draft.model", "LongSpecDraftLayer.forward", "ls.draft_layer"),
     ("vllm_longspec.engine.proposer", "attend_paged_prefix", "ls.draft_cross_attention"),
-    ("vllm_longspec.engine.proposer", "ring_self_attention", "ls.draft_self_attention"),
+    ("vllm_longspec.engine.proposer", "grouped_ring_self_attention", "ls.draft_self_attention"),
     ("vllm_longspec.engine.vocab_head", "DraftVocabHead.expand_level", "ls.expand_level"),
 ]
 

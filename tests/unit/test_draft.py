@@ -148,3 +148,35 @@ def test_zero_output_draft_predicts_embedding_bigram():
     out = layer(emb, torch.arange(3), rope, lambda q, k, v: torch.randn_like(q),
                 lambda q: torch.randn_like(q))
     assert torch.equal(out, emb)
+
+
+def test_grouped_ring_attention_equals_per_query_ring_attention():
+    """The drafting's grouped self-attention (ring read once per request, GQA broadcast) is the
+    per-query reference, for ring-only (level 0) and ring + tree-ancestor keys."""
+    from vllm_longspec.engine.draft_attention import (grouped_ring_self_attention,
+                                                      ring_self_attention)
+
+    gen = torch.Generator().manual_seed(3)
+    batch, n, hq, hk, d, window, rows, extra = 3, 4, 6, 2, 16, 8, 5, 7
+    q = torch.randn(batch, n, hq, d, generator=gen)
+    ring_k = torch.randn(rows, window, hk, d, generator=gen)
+    ring_v = torch.randn(rows, window, hk, d, generator=gen)
+    request_rows = torch.tensor([4, 0, 2])
+    valid = torch.tensor([8, 3, 0])  # full, partly filled, empty ring
+    extra_k = torch.randn(batch, extra, hk, d, generator=gen)
+    extra_v = torch.randn(batch, extra, hk, d, generator=gen)
+    mask = torch.rand(batch, n, extra, generator=gen) < 0.5
+    mask[2, 1] = False  # a query of the empty-ring request that sees nothing
+    flat_rows = request_rows.repeat_interleave(n)
+    flat_valid = valid.repeat_interleave(n)
+    for with_extra in (False, True):
+        grouped = grouped_ring_self_attention(
+            q, ring_k, ring_v, request_rows, valid, extra_k if with_extra else None,
+            extra_v if with_extra else None, 0.25, mask if with_extra else None)
+        reference = ring_self_attention(
+            q.reshape(-1, hq, d), ring_k, ring_v, flat_rows, flat_valid,
+            extra_k.repeat_interleave(n, dim=0) if with_extra else None,
+            extra_v.repeat_interleave(n, dim=0) if with_extra else None, 0.25,
+            mask.reshape(batch * n, extra) if with_extra else None)
+        assert torch.isfinite(grouped).all()
+        torch.testing.assert_close(grouped.reshape(-1, hq, d), reference, rtol=1e-5, atol=1e-5)

@@ -180,3 +180,19 @@ def test_cpu_kv_cache_views_match_what_vllm_writes():
         k, v = paged_kv_views(kv, head_size, layer)
         assert torch.equal(k[slots // block, slots % block], key), layer.isa
         assert torch.equal(v[slots // block, slots % block], value), layer.isa
+
+
+def test_host_ancestor_masks_equal_the_kernels_masks():
+    from vllm_longspec.engine.verification import ancestor_masks
+    from vllm_longspec_kernels import tree_mask_from_parents
+
+    rng = np.random.default_rng(0)
+    n = 40  # two mask words
+    trees = np.stack([np.concatenate([[-1], [rng.integers(0, i) for i in range(1, n)]]),
+                      np.arange(-1, n - 1)])  # a random tree and a chain
+    host = ancestor_masks(trees, 2)
+    cu = torch.tensor([0, n, 2 * n], dtype=torch.int32)
+    device = tree_mask_from_parents(torch.from_numpy(trees.reshape(-1)), cu, 2, n)
+    assert host.dtype == np.int32 and host.shape == (2 * n, 2)
+    assert (torch.from_numpy(host) == device).all()
+    assert host[n + 5, 0] == 0b111111  # chain node 5 sees nodes 0..5

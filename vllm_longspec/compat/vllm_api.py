@@ -305,14 +305,25 @@ def request_sampling_params(runner: Any, req_ids: list[str]) -> list[Any]:
     return [getattr(runner.requests.get(r), "sampling_params", None) for r in req_ids]
 
 
+def _cudagraph_mode(vllm_config: Any) -> Any:
+    return getattr(vllm_config.compilation_config, "cudagraph_mode", None)
+
+
+def uses_full_cudagraphs(vllm_config: Any) -> bool:
+    mode = _cudagraph_mode(vllm_config)
+    return bool(mode is not None and hasattr(mode, "has_full_cudagraphs")
+                and mode.has_full_cudagraphs())
+
+
 def check_tree_cudagraphs(vllm_config: Any) -> None:
-    """Token trees replace attention outputs in Python after the backend ran: a full CUDA graph
-    would replay the backend's causal attention without that step."""
-    mode = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
-    if mode is not None and hasattr(mode, "has_full_cudagraphs") and mode.has_full_cudagraphs():
+    """Token trees run in full CUDA graphs only for uniform verification batches (vLLM's
+    FULL_AND_PIECEWISE / FULL_DECODE_ONLY): a full graph of a *mixed* batch (mode FULL) would
+    replay attention for rows whose kind (prefill, tree, chain) changes from step to step."""
+    mode = _cudagraph_mode(vllm_config)
+    if mode is not None and getattr(mode, "name", "") == "FULL":
         raise ValueError(
-            f"LongSpec token trees need cudagraph_mode PIECEWISE or NONE (got {mode.name}): "
-            "pass compilation_config={'cudagraph_mode': 'PIECEWISE'} or omit tree_widths")
+            "LongSpec token trees need cudagraph_mode FULL_AND_PIECEWISE, FULL_DECODE_ONLY, "
+            "PIECEWISE or NONE (got FULL): full graphs of mixed batches cannot carry trees")
 
 
 def drafter_timing(llm: Any) -> dict[str, float] | None:

@@ -68,3 +68,44 @@ def ring_self_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Ten
         mask = torch.cat([mask, extra_mask], dim=1)
     out, _ = attend(q.unsqueeze(1), keys, values, scale, mask.unsqueeze(1))
     return out.squeeze(1).to(q.dtype)
+
+
+def grouped_ring_self_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor,
+                                request_rows: torch.Tensor, ring_valid: torch.Tensor,
+                                extra_k: torch.Tensor | None, extra_v: torch.Tensor | None,
+                                scale: float, extra_mask: torch.Tensor | None = None
+                                ) -> torch.Tensor:
+    """Draft self-attention of n queries per request (a tree level), keys shared per request.
+
+    Same result as `ring_self_attention` on the flattened queries, but each request's ring row
+    is read once for all its queries and GQA groups are broadcast, not copied (the per-query
+    gather and ``repeat_interleave`` cost more memory traffic than the whole draft layer).
+
+    Args:
+        q: [B, n, Hq, D] rotated queries, request-major.
+        ring_k, ring_v: [R, W, Hk, D] the ring buffers.
+        request_rows: [B] ring row of each request.
+        ring_valid: [B] filled slots of that row.
+        extra_k, extra_v: [B, S, Hk, D] K/V of the request's speculative nodes (or None).
+        extra_mask: [B, n, S] bool, which extra keys each query sees; None = all.
+    Returns:
+        [B, n, Hq, D] in q's dtype.
+    """
+    batch, n, hq, d = q.shape
+    window, hk = ring_k.shape[1], ring_k.shape[2]
+    keys, values = ring_k[request_rows], ring_v[request_rows]  # [B, W, Hk, D]
+    mask = (torch.arange(window, device=q.device)[None, :] < ring_valid[:, None])
+    mask = mask[:, None, :].expand(batch, n, window)
+    if extra_k is not None and extra_k.shape[1] > 0:
+        keys = torch.cat([keys, extra_k.to(keys.dtype)], dim=1)
+        values = torch.cat([values, extra_v.to(values.dtype)], dim=1)
+        if extra_mask is None:
+            extra_mask = torch.ones(batch, n, extra_k.shape[1], dtype=torch.bool,
+                                    device=q.device)
+        mask = torch.cat([mask, extra_mask], dim=2)
+    qf = q.float().view(batch, n, hk, hq // hk, d)
+    scores = torch.einsum("bnhgd,bmhd->bhgnm", qf, keys.float()) * scale
+    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+    probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)  # a query seeing nothing
+    out = torch.einsum("bhgnm,bmhd->bnhgd", probs, values.float())
+    return out.reshape(batch, n, hq, d).to(q.dtype)

@@ -42,7 +42,7 @@ from vllm_longspec_kernels import attend_paged_prefix
 
 from ..health.guard import drafting_guard
 from .beam_tree import best_path, tree_node_offsets
-from .draft_attention import ring_self_attention
+from .draft_attention import grouped_ring_self_attention
 from .draft_graphs import DraftCudaGraphs, DraftInputs, draft_graphs_enabled
 from .tp_draft import build_draft_on_rank
 from .tree_step import DraftedTree, TreeVerifier
@@ -287,15 +287,15 @@ class LongSpecProposer:
         levels: list[torch.Tensor] = []
         for level, width in enumerate(self.widths):
             nodes_here = query.shape[1]
-            flat_rows = ring_rows.repeat_interleave(nodes_here)
-            flat_valid = ring_valid.repeat_interleave(nodes_here)
 
-            def self_attend(q, k, v, level=level, nodes_here=nodes_here, flat_rows=flat_rows,
-                            flat_valid=flat_valid, level_nodes=level_nodes):
+            def self_attend(q, k, v, level=level, nodes_here=nodes_here,
+                            level_nodes=level_nodes):
                 nonlocal scratch_k, scratch_v
+                q = q.reshape(batch_size, nodes_here, *q.shape[1:])
                 if level == 0:  # the root is committed: already in its ring
-                    return ring_self_attention(q, self.ring.k, self.ring.v, flat_rows,
-                                               flat_valid, None, None, scale)
+                    out = grouped_ring_self_attention(q, self.ring.k, self.ring.v, ring_rows,
+                                                      ring_valid, None, None, scale)
+                    return out.reshape(-1, *out.shape[2:])
                 k = k.reshape(batch_size, nodes_here, *k.shape[1:])
                 v = v.reshape(batch_size, nodes_here, *v.shape[1:])
                 scratch_k = k if scratch_k is None else torch.cat([scratch_k, k], dim=1)
@@ -303,11 +303,10 @@ class LongSpecProposer:
                 seen = scratch_k.shape[1]
                 visible = ancestors.gather(
                     1, level_nodes.unsqueeze(-1).expand(-1, -1, num_nodes))[:, :, 1:seen + 1]
-                extra_k = scratch_k.repeat_interleave(nodes_here, dim=0)
-                extra_v = scratch_v.repeat_interleave(nodes_here, dim=0)
-                return ring_self_attention(q, self.ring.k, self.ring.v, flat_rows, flat_valid,
-                                           extra_k, extra_v, scale,
-                                           visible.reshape(batch_size * nodes_here, seen))
+                out = grouped_ring_self_attention(q, self.ring.k, self.ring.v, ring_rows,
+                                                  ring_valid, scratch_k, scratch_v, scale,
+                                                  visible)
+                return out.reshape(-1, *out.shape[2:])
 
             def cross_attend(q, nodes_here=nodes_here):
                 if max_prefix == 0:

@@ -89,24 +89,6 @@ def rewrite_engine_args(engine_args: Any, target_model_config: Any) -> None:
     engine_args.speculative_config = vllm_spec
     engine_args.additional_config = {**(engine_args.additional_config or {}),
                                      METHOD: config.to_dict()}
-    if config.is_tree:
-        _piecewise_cudagraphs_only(engine_args)
-
-
-def _piecewise_cudagraphs_only(engine_args: Any) -> None:
-    """Tree rows' attention is fixed up in Python after the backend runs (see
-    `verify_attention`), which a full CUDA graph would skip: trees default to piecewise graphs
-    (attention stays eager between the captured pieces). An explicit full mode is refused when
-    the proposer loads."""
-    compilation = engine_args.compilation_config
-    if compilation is None:
-        engine_args.compilation_config = {"cudagraph_mode": "PIECEWISE"}
-    elif isinstance(compilation, dict):
-        compilation.setdefault("cudagraph_mode", "PIECEWISE")
-    elif getattr(compilation, "cudagraph_mode", None) is None:
-        from vllm.config import CUDAGraphMode
-
-        compilation.cudagraph_mode = CUDAGraphMode.PIECEWISE
 
 
 # ------------------------------------------------------------------------------------ CLI

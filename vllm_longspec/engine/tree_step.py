@@ -22,9 +22,9 @@ import torch
 from ..compat import vllm_api
 from .tp_agreement import agree_on_acceptance, agree_on_tree_rows
 from .tree_acceptance import accept_trees, compaction_slots
-from .verification import (TreeRowCandidate, TreeVerificationPlan, active_plan, build_plan,
-                           set_active_plan)
-from .verify_attention import wrap_attention_forward
+from .verification import (TreeRowCandidate, TreeVerificationPlan, active_plan,
+                           ancestor_masks, build_plan, set_active_plan)
+from .verify_attention import FullGraphTreeMasks, set_full_graph_masks, wrap_attention_forward
 
 logger = logging.getLogger("vllm_longspec")
 
@@ -47,6 +47,10 @@ class TreeVerifier:
     _slots: torch.Tensor | None = None
     _kv_table: Any = None
     _kv_views: list | None = None
+    _full_graph_masks: FullGraphTreeMasks | None = None
+    _chain_parents: np.ndarray | None = None
+    _chain_masks: torch.Tensor | None = None  # [max_tokens, W] chain masks (to reset rows)
+    _tree_mask_tokens: int = 0  # leading mask rows that may hold trees
 
     # ------------------------------------------------------------------ setup
     def install(self) -> None:
@@ -62,12 +66,67 @@ class TreeVerifier:
             impl = layer.impl
             if not getattr(impl.forward, "longspec_tree_attention", False):
                 impl.forward = wrap_attention_forward(impl, impl.forward)
+        set_full_graph_masks(None)
+        if vllm_api.uses_full_cudagraphs(self.vllm_config) and torch.cuda.is_available():
+            self._full_graph_masks = self._allocate_full_graph_masks()
+            set_full_graph_masks(self._full_graph_masks)
+
+    def _allocate_full_graph_masks(self) -> FullGraphTreeMasks:
+        from vllm_longspec_kernels import tree_mask_from_parents, tree_mask_num_words
+
+        query_len = 1 + int(self.vllm_config.speculative_config.num_speculative_tokens)
+        max_tokens = int(self.vllm_config.scheduler_config.max_num_batched_tokens)
+        rows = -(-max_tokens // query_len)
+        device = torch.device("cuda", torch.cuda.current_device())
+        chain = torch.arange(-1, query_len - 1, device=device).repeat(rows)
+        cu = torch.arange(rows + 1, dtype=torch.int32, device=device) * query_len
+        masks = tree_mask_from_parents(chain, cu, tree_mask_num_words(query_len), query_len)
+        self._chain_parents = np.arange(-1, query_len - 1, dtype=np.int64)
+        self._chain_masks = masks.contiguous()
+        return FullGraphTreeMasks(masks=masks.clone(), query_len=query_len,
+                                  max_model_len=int(self.vllm_config.model_config.max_model_len))
+
+    def _uniform_rows(self, scheduler_output: Any) -> int:
+        """Requests of the step when it is uniform (every request scheduled exactly the full
+        graphs' query length) and full-graph masks are in use; else 0."""
+        graphs = self._full_graph_masks
+        if graphs is None:
+            return 0
+        counts = scheduler_output.num_scheduled_tokens
+        if not counts or any(n != graphs.query_len for n in counts.values()):
+            return 0
+        return len(counts)
+
+    def _fill_full_graph_masks(self, num_rows: int,
+                               candidates: list[TreeRowCandidate]) -> None:
+        """Masks of a uniform step's rows: tree rows their trees, every other row a chain
+        (rows holding a tree from an earlier step are reset)."""
+        graphs = self._full_graph_masks
+        assert graphs is not None and self._chain_masks is not None
+        q = graphs.query_len
+        if candidates:
+            parents = np.tile(self._chain_parents, (num_rows, 1))
+            for cand in candidates:
+                parents[cand.row] = cand.parents[:q]
+            masks = torch.from_numpy(ancestor_masks(parents, graphs.masks.shape[1]))
+            graphs.masks[:masks.shape[0]].copy_(masks, non_blocking=True)
+            self._tree_mask_tokens = max(self._tree_mask_tokens, masks.shape[0])
+        elif self._tree_mask_tokens:
+            graphs.masks[:self._tree_mask_tokens].copy_(
+                self._chain_masks[:self._tree_mask_tokens])
+            self._tree_mask_tokens = 0
 
     # ------------------------------------------------------------------ per step
     def after_prepare_inputs(self, runner: Any, scheduler_output: Any) -> None:
         set_active_plan(None)
+        # vLLM replays a full CUDA graph for every "uniform" batch (each request scheduled
+        # exactly 1 + num_draft_tokens tokens -- a prefill chunk of that size too); the graph's
+        # attention takes each row's mask from the persistent buffer, so it is set every time.
+        uniform_rows = self._uniform_rows(scheduler_output)
         if not scheduler_output.scheduled_spec_decode_tokens or (
                 not self.trees and self.comm is None):  # under TP all ranks go on (collective)
+            if uniform_rows:
+                self._fill_full_graph_masks(uniform_rows, [])
             return
         sched = vllm_api.scheduled_drafts(runner, scheduler_output)
         num_reqs = len(sched.req_ids)
@@ -92,6 +151,8 @@ class TreeVerifier:
         if self.comm is not None:  # tree rows only where every rank holds the scheduled tree
             candidates = agree_on_tree_rows(candidates, num_reqs, self.comm, positions.device,
                                             self.stats)
+        if uniform_rows:
+            self._fill_full_graph_masks(uniform_rows, candidates)
         plan, pos_index, pos_values = build_plan(candidates, num_draft, sched.total_tokens,
                                                  positions.device)
         if plan is None:

@@ -85,6 +85,28 @@ def node_depths(parents: np.ndarray) -> np.ndarray:
     return depth
 
 
+def ancestor_masks(parents: np.ndarray, num_words: int) -> np.ndarray:
+    """Packed ancestor bitmasks of equally sized BFS trees, built on the host.
+
+    The format of ``vllm_longspec_kernels.tree_mask_from_parents`` (bit j of row i: node j is
+    node i or one of its ancestors), without its ~``log2(n)`` device launches.
+
+    Args:
+        parents: [R, n] int, local parents (root -1, ``parents[r, i] < i``).
+        num_words: int32 words per row (>= ceil(n / 32)).
+    Returns:
+        [R * n, num_words] int32.
+    """
+    rows, n = parents.shape
+    seen = np.zeros((rows, n, 32 * num_words), dtype=bool)
+    seen[:, np.arange(n), np.arange(n)] = True
+    every_row = np.arange(rows)
+    for node in range(1, n):  # BFS order: a parent's row is complete before its children's
+        seen[every_row, node, :n] |= seen[every_row, parents[:, node], :n]
+    packed = np.packbits(seen, axis=-1, bitorder="little")  # [R, n, 4 * W] bytes
+    return np.ascontiguousarray(packed).view("<i4").reshape(rows * n, num_words)
+
+
 @dataclass
 class TreeRowCandidate:
     """A batch row that scheduled a tree: what the plan builder needs to know about it."""

@@ -13,6 +13,7 @@ computed by ``vllm_longspec_kernels.hybrid_tree_attention``: FlashAttention over
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -82,9 +83,80 @@ def tree_rows_attention(plan: TreeVerificationPlan, layer: Any, query: torch.Ten
         tree_backend="auto" if on_gpu else "torch")
 
 
+@dataclass
+class FullGraphTreeMasks:
+    """The tree masks that full CUDA graphs of verification steps read.
+
+    A full graph is captured for a *uniform* batch (every request verifies
+    ``1 + num_draft_tokens`` tokens) and replayed without running Python, so its attention must
+    take the trees from a persistent buffer: every row of such a batch is attended with
+    hybrid attention under the mask found here at replay -- a tree row's ancestor mask, or
+    the causal mask for a row verifying a chain (which is what the backend would have done).
+    `TreeVerifier.after_prepare_inputs` fills it before every uniform step.
+
+    Attributes:
+        masks: [max_tokens, W] int32 packed ancestor bitmasks (``tree_attention``'s format).
+        query_len: tokens per request of a uniform batch (1 + num_draft_tokens).
+        max_model_len: the bound on prefixes (FlashAttention's ``max_seqlen_k`` in the graph).
+    """
+
+    masks: torch.Tensor
+    query_len: int
+    max_model_len: int
+
+
+_FULL_GRAPH_MASKS: FullGraphTreeMasks | None = None
+
+
+def set_full_graph_masks(masks: FullGraphTreeMasks | None) -> None:
+    global _FULL_GRAPH_MASKS
+    _FULL_GRAPH_MASKS = masks
+
+
+def full_graph_masks() -> FullGraphTreeMasks | None:
+    return _FULL_GRAPH_MASKS
+
+
+def _uniform_batch(attn_metadata: Any, graphs: FullGraphTreeMasks | None) -> bool:
+    """A batch vLLM may run as a full CUDA graph (every request `query_len` tokens)."""
+    if graphs is None or getattr(attn_metadata, "seq_lens", None) is None:
+        return False
+    q = graphs.query_len
+    total = int(attn_metadata.num_actual_tokens)
+    return (int(getattr(attn_metadata, "max_query_len", 0)) == q and total % q == 0
+            and total // q == attn_metadata.query_start_loc.shape[0] - 1)
+
+
+def captured_tree_attention(graphs: FullGraphTreeMasks, layer: Any, query: torch.Tensor,
+                            key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                            attn_metadata: Any, output: torch.Tensor, impl: Any) -> torch.Tensor:
+    """Hybrid attention of a whole uniform batch, recorded into a full CUDA graph: everything
+    it reads at replay is a persistent tensor (vLLM's query_start_loc / seq_lens / block
+    table, this module's masks)."""
+    from vllm_longspec_kernels import hybrid_tree_attention
+
+    total = int(attn_metadata.num_actual_tokens)
+    hq, hk, d = impl.num_heads, impl.num_kv_heads, impl.head_size
+    q = query.view(query.shape[0], hq, d)[:total]
+    k = key.view(key.shape[0], hk, d)[:total]
+    v = value.view(value.shape[0], hk, d)[:total]
+    k_cache, v_cache = _kv_views(kv_cache, d, layer)
+    prefix_lens = (attn_metadata.seq_lens - graphs.query_len).clamp_min(0).to(torch.int32)
+    out_view = output.view(output.shape[0], hq, d)
+    hybrid_tree_attention(
+        q, k_cache, v_cache, attn_metadata.block_table, prefix_lens, k, v,
+        attn_metadata.query_start_loc, graphs.masks[:total], impl.scale,
+        max_seqlen_q=graphs.query_len, max_prefix_len=graphs.max_model_len,
+        out=out_view[:total])
+    return output
+
+
 def wrap_attention_forward(impl: Any, original: Callable[..., torch.Tensor]
                            ) -> Callable[..., torch.Tensor]:
     """``impl.forward`` with the tree rows of the active plan attended by hybrid attention.
+
+    A uniform batch without a plan (a full CUDA graph being captured or warmed up) is attended
+    whole by `captured_tree_attention` (masks from `FullGraphTreeMasks`).
 
     When every token of the step is a tree token the backend's own attention is skipped (the
     K/V were written by vLLM's separate cache-update op before this call); otherwise the
@@ -92,6 +164,13 @@ def wrap_attention_forward(impl: Any, original: Callable[..., torch.Tensor]
 
     def forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         plan = active_plan()
+        graphs = full_graph_masks()
+        # Uniform batches without a plan: a full-graph capture, its warm-up, or a step of chains
+        # only; all take the masks from the persistent buffer (see FullGraphTreeMasks).
+        if plan is None and attn_metadata is not None and _uniform_batch(attn_metadata, graphs):
+            assert graphs is not None
+            return captured_tree_attention(graphs, layer, query, key, value, kv_cache,
+                                           attn_metadata, output, impl)
         if plan is None or attn_metadata is None:
             return original(layer, query, key, value, kv_cache, attn_metadata, output,
                             *args, **kwargs)
