@@ -35,8 +35,16 @@ def shape_folder(shape: str, root: str) -> str:
 
 
 def untrained_draft(root: str, target: str) -> str:
-    """A random LongSpec draft for `target` (cost only: it accepts almost nothing)."""
+    """A random LongSpec draft for `target` (cost only: it accepts almost nothing), with token
+    counts that rank lower ids as more frequent (so ``draft_vocab_size`` can be measured)."""
+    import torch
+
+    from vllm_longspec.draft.vocab import save_token_counts
     from vllm_longspec.testing.fixtures import make_tiny_draft
 
     name = os.path.basename(os.path.normpath(target))
-    return make_tiny_draft(os.path.join(root, f"untrained_draft-{name}"), target, seed=11)
+    folder = make_tiny_draft(os.path.join(root, f"untrained_draft-{name}"), target, seed=11)
+    with open(os.path.join(target, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    save_token_counts(folder, torch.arange(vocab, 0, -1))
+    return folder

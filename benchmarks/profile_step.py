@@ -152,8 +152,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         depth = len(widths) if args.variant == "tree" else args.k
         kwargs["speculative_config"] = {"method": "longspec", "model": draft,
                                         "num_speculative_tokens": depth}
-        kwargs["additional_config"] = {"longspec": (
-            {"tree_widths": widths} if args.variant == "tree" else {})}
+        options: dict[str, Any] = {"tree_widths": widths} if args.variant == "tree" else {}
+        if args.draft_vocab_size:
+            options["draft_vocab_size"] = args.draft_vocab_size
+        kwargs["additional_config"] = {"longspec": options}
     llm = LLM(**kwargs)
     engine = llm.llm_engine
     with open(os.path.join(target, "config.json")) as f:
@@ -236,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=16384)
     parser.add_argument("--tree-widths", default="4,16,16,16,16")
     parser.add_argument("--k", type=int, default=4, help="chain length")
+    parser.add_argument("--draft-vocab-size", type=int, default=None,
+                        help="draft over this many tokens (LongSpec's draft_vocab_size)")
     parser.add_argument("--steps", type=int, default=32, help="timed steps (no profiler)")
     parser.add_argument("--profile-steps", type=int, default=8)
     parser.add_argument("--dtype", default="bfloat16")

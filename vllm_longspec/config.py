@@ -45,6 +45,10 @@ class LongSpecConfig:
             has exactly this many slots per request, whatever the context length).
         min_prompt_len: Requests whose prompt is shorter than this are decoded without
             speculation (LongSpec pays off on long prompts). 0 speculates on every request.
+        draft_vocab_size: Draft over the most frequent N tokens of the draft's training data
+            only (the lm_head rows of those tokens; see `draft.vocab`). Needs a draft trained
+            by ``vllm-longspec train`` (it stores the token counts). None: the whole vocabulary.
+            Never changes the output, only which drafts are proposed.
     """
 
     draft: str
@@ -52,9 +56,11 @@ class LongSpecConfig:
     tree_widths: tuple[int, ...] | None = None
     window: int = 512
     min_prompt_len: int = 0
+    draft_vocab_size: int | None = None
 
     # Keys a user may put into additional_config["longspec"].
-    USER_KEYS = ("draft", "tree_widths", "window", "min_prompt_len", "num_speculative_tokens")
+    USER_KEYS = ("draft", "tree_widths", "window", "min_prompt_len", "num_speculative_tokens",
+                 "draft_vocab_size")
 
     def __post_init__(self) -> None:
         if not isinstance(self.draft, str) or not self.draft:
@@ -81,6 +87,9 @@ class LongSpecConfig:
                 raise LongSpecConfigError(
                     f"tree too big: tree_widths {list(widths)} has {sum(widths)} draft nodes, "
                     f"vLLM verifies at most {MAX_DRAFT_TOKENS_PER_REQUEST} per request")
+        if self.draft_vocab_size is not None:
+            _check_int("draft_vocab_size", self.draft_vocab_size,
+                       max(self.level_widths), 1 << 24)
 
     @property
     def is_tree(self) -> bool:

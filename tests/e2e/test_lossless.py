@@ -163,3 +163,43 @@ def test_tree_mixed_batch_greedy_rows_equal_plain_decoding(runs):
                  prompts=MIXED_PROMPTS)
     sampled = runs["tree_qwen_mixed"].token_ids
     assert all(len(t) == MAX_TOKENS for t in sampled)
+
+
+@pytest.fixture(scope="module")
+def pruned_vocab_runs(runs, tiny_models, tmp_path_factory):
+    """Trees drafted over a pruned vocabulary (`draft_vocab_size`): once over the tokens the
+    target actually writes (from token counts), once over tokens it never writes."""
+    import json
+    import os
+    import shutil
+
+    import torch
+
+    from vllm_longspec.draft.vocab import save_token_counts
+
+    written = torch.tensor([t for out in runs["base_bigram"].token_ids for t in out])
+    with open(os.path.join(tiny_models["bigram_llama"], "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    size = max(TREE[-1], len(set(written.tolist())))
+    out = {}
+    for name, counts in (("covering", torch.bincount(written, minlength=vocab)),
+                         ("disjoint", (torch.bincount(written, minlength=vocab) == 0).long())):
+        draft = str(tmp_path_factory.mktemp(f"draft_{name}"))
+        shutil.copytree(tiny_models["zero_draft_llama"], draft, dirs_exist_ok=True)
+        save_token_counts(draft, counts)
+        out[name] = generate(
+            tiny_models["bigram_llama"], PROMPTS, max_tokens=MAX_TOKENS,
+            speculative_config=_spec(draft, k=len(TREE)),
+            additional_config={"longspec": {"window": WINDOW, "tree_widths": TREE,
+                                            "draft_vocab_size": size}}, **ENGINE)
+    return out
+
+
+def test_pruned_draft_vocabulary_is_lossless_and_drafts_only_its_tokens(runs, pruned_vocab_runs):
+    for run in pruned_vocab_runs.values():
+        _assert_same(runs["base_bigram"], run)
+    # over the tokens the target writes, the bigram draft is still always right ...
+    assert pruned_vocab_runs["covering"].counters["mean_acceptance_length"] > 4.0
+    # ... over tokens it never writes, nothing can be accepted
+    assert pruned_vocab_runs["disjoint"].counters["num_drafts"] > 0
+    assert pruned_vocab_runs["disjoint"].counters["num_accepted_tokens"] == 0

@@ -112,3 +112,46 @@ def test_cli_flags_fold_into_engine_args(tiny_models):
     args = parser.parse_args(["--longspec-window", "128"])
     with pytest.raises(LongSpecConfigError, match="need --speculative-model"):
         apply_cli_flags(EngineArgs(), args)
+
+
+def test_draft_vocab_size_is_validated():
+    from vllm_longspec.config import LongSpecConfig, LongSpecConfigError
+
+    ok = LongSpecConfig.from_dict({"draft": "/d", "num_speculative_tokens": 2,
+                                   "tree_widths": [4, 16], "draft_vocab_size": 4096})
+    assert ok.draft_vocab_size == 4096
+    with pytest.raises(LongSpecConfigError, match="draft_vocab_size"):
+        LongSpecConfig.from_dict({"draft": "/d", "num_speculative_tokens": 2,
+                                  "tree_widths": [4, 16], "draft_vocab_size": 8})  # < width 16
+    with pytest.raises(LongSpecConfigError, match="draft_vocab_size"):
+        LongSpecConfig.from_dict({"draft": "/d", "num_speculative_tokens": 2,
+                                  "draft_vocab_size": "many"})
+
+
+def test_frequent_token_ids_and_counts(tmp_path):
+    import torch
+
+    from vllm_longspec.draft.vocab import (count_tokens, frequent_token_ids,
+                                           load_token_counts, save_token_counts)
+
+    counts = count_tokens(torch.tensor([[5, 5, 5, 2], [2, 9, 7, 7]]), 10)
+    assert counts.tolist() == [0, 0, 2, 0, 0, 3, 0, 2, 0, 1]
+    assert frequent_token_ids(counts, 3).tolist() == [2, 5, 7]  # ties: lower id first
+    assert load_token_counts(str(tmp_path)) is None
+    save_token_counts(str(tmp_path), counts)
+    assert load_token_counts(str(tmp_path)).tolist() == counts.tolist()
+    with pytest.raises(ValueError, match="draft_vocab_size"):
+        frequent_token_ids(counts, 11)
+
+
+def test_pruned_vocab_head_maps_columns_back_to_token_ids():
+    import torch
+
+    from vllm_longspec.engine.vocab_head import DraftVocabHead, VocabShard
+
+    ids = torch.tensor([3, 8, 11])
+    weight = torch.eye(3)
+    head = DraftVocabHead(lambda h: h @ weight.T, VocabShard(0, 3, 3), token_ids=ids)
+    hidden = torch.tensor([[0.0, 5.0, 1.0]])  # column 1 best, then column 2
+    grown = head.expand_level(hidden, torch.zeros(1, 1), 2)
+    assert grown.tokens.tolist() == [[8, 11]]

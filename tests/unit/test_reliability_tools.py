@@ -41,6 +41,7 @@ def test_workload_mixes_everything_within_limits(round_index):
             assert s.stream and s.fault_after >= 1
         if s.fault == "abort":
             assert not s.stream and s.fault_after > 0
+            assert s.max_tokens >= min(8 * CONFIG.max_tokens[1], 512)  # still running then
 
 
 def test_shared_prefix_is_the_same_in_every_round():

@@ -306,6 +306,12 @@ def test_training_reduces_loss_and_improves_agreement(small_target, corpus, work
     for name, tensor in layer.state_dict().items():
         assert torch.equal(tensor, state["draft"][name]), name
     assert weights_digest(layer) == s["rank_weight_digests"][0]
+    # Token counts of the training data for draft_vocab_size (draft.vocab).
+    from vllm_longspec.draft.vocab import load_token_counts
+
+    counts = load_token_counts(out)
+    assert counts is not None and counts.numel() == ckpt.arch.vocab_size
+    assert 0 < int(counts.sum()) and int((counts > 0).sum()) > 10
 
 
 def test_ce_training_and_bf16_save(small_target, corpus, work):

@@ -151,6 +151,17 @@ def target_handles(model: Any) -> TargetHandles:
                          device=param.device)
 
 
+def lm_head_weight(model: Any) -> torch.Tensor:
+    """The target's output embedding [vocab (padded), hidden] (the input embedding when tied;
+    vLLM's Llama/Qwen2 ``lm_head`` is a ``ParallelLMHead`` or the tied ``embed_tokens``)."""
+    head = getattr(model, "lm_head", None)
+    weight = getattr(head, "weight", None)
+    if weight is None:
+        raise RuntimeError(f"{type(model).__name__} has no lm_head.weight: a pruned draft "
+                           "vocabulary needs one")
+    return weight
+
+
 @dataclass
 class RunnerStep:
     """What the model runner knows at drafting time that a custom proposer is not given."""

@@ -37,6 +37,7 @@ from ..config import LongSpecConfig
 from ..draft.checkpoint import check_draft_fits_target, load_draft_checkpoint
 from ..draft.model import DraftArchitecture, LongSpecDraftLayer
 from ..draft.ring_cache import DraftKVRing
+from ..draft.vocab import TOKEN_COUNTS_FILE, frequent_token_ids, load_token_counts
 from ..draft.rope import rope_from_vllm_rotary
 from vllm_longspec_kernels import attend_paged_prefix
 
@@ -46,6 +47,7 @@ from .draft_attention import grouped_ring_self_attention
 from .draft_graphs import DraftCudaGraphs, DraftInputs, draft_graphs_enabled
 from .tp_draft import build_draft_on_rank
 from .tree_step import DraftedTree, TreeVerifier
+from .vocab_head import DraftVocabHead, VocabShard
 
 logger = logging.getLogger("vllm_longspec")
 
@@ -93,6 +95,8 @@ class LongSpecProposer:
         on_rank = build_draft_on_rank(ckpt, target_model, self.target, self.vllm_config)
         self.draft, self.vocab_head = on_rank.draft, on_rank.head
         self.arch = ckpt.arch
+        if self.config.draft_vocab_size is not None:
+            self.vocab_head = self._pruned_vocab_head(target_model, on_rank.comm)
         self.rope = rope_from_vllm_rotary(self.target.rotary)
         self.ring = DraftKVRing(self.max_num_reqs, self.config.window,
                                 on_rank.num_kv_heads, ckpt.arch.head_dim,
@@ -111,6 +115,22 @@ class LongSpecProposer:
         logger.info("LongSpec draft %s loaded: window %d, %s, ring %.1f KiB/request "
                     "(TP rank %d of %d)", self.config.draft, self.config.window, shape,
                     self.ring.nbytes_per_request / 1024, on_rank.rank, on_rank.world_size)
+
+    def _pruned_vocab_head(self, target_model: Any, comm: Any) -> DraftVocabHead:
+        """The draft's head over the most frequent `draft_vocab_size` tokens (a copy of those
+        rows of the target's lm_head; see `draft.vocab`)."""
+        if comm is not None:
+            raise ValueError("LongSpec draft_vocab_size is not supported with tensor "
+                             "parallelism yet; omit it")
+        counts = load_token_counts(self.config.draft)
+        if counts is None:
+            raise ValueError(f"LongSpec draft_vocab_size needs the draft's token counts: "
+                             f"{self.config.draft} has no {TOKEN_COUNTS_FILE}")
+        size = int(self.config.draft_vocab_size)
+        ids = frequent_token_ids(counts[:self.arch.vocab_size], size).to(self.target.device)
+        rows = vllm_api.lm_head_weight(target_model)[ids].detach().clone()
+        return DraftVocabHead(lambda hidden: torch.nn.functional.linear(hidden, rows),
+                              VocabShard(0, size, size), token_ids=ids)
 
     def begin_step(self, step: vllm_api.RunnerStep) -> None:
         """Called by the runner hook right before `propose`."""

@@ -72,10 +72,25 @@ def resolve_longspec(spec: dict[str, Any], additional_config: dict[str, Any] | N
     check_draft_fits_target(header.arch, DraftArchitecture.from_hf_config(target_hf_config),
                             draft_path)
     check_draft_weights(draft_path)
+    _check_draft_vocab(config, header.arch.vocab_size)
     passthrough = {k: v for k, v in spec.items() if k not in _OWN_KEYS}
     vllm_spec = {"method": "custom_class", "model": PROPOSER_CLASS,
                  "num_speculative_tokens": config.num_draft_tokens, **passthrough}
     return vllm_spec, config
+
+
+def _check_draft_vocab(config: LongSpecConfig, vocab_size: int) -> None:
+    from ..draft.vocab import TOKEN_COUNTS_FILE, load_token_counts
+
+    if config.draft_vocab_size is None:
+        return
+    if config.draft_vocab_size > vocab_size:
+        raise LongSpecConfigError(
+            f"draft_vocab_size={config.draft_vocab_size} exceeds the vocabulary ({vocab_size})")
+    if load_token_counts(config.draft) is None:
+        raise LongSpecConfigError(
+            f"draft_vocab_size needs the draft's token counts, but {config.draft} has no "
+            f"{TOKEN_COUNTS_FILE} (drafts trained by `vllm-longspec train` have it)")
 
 
 def rewrite_engine_args(engine_args: Any, target_model_config: Any) -> None:
@@ -112,6 +127,10 @@ CLI_FLAGS = {
     "--longspec-min-prompt-len": dict(
         dest="longspec_min_prompt_len", type=int, default=None,
         help="LongSpec: prompts shorter than this are decoded without speculation."),
+    "--longspec-draft-vocab-size": dict(
+        dest="longspec_draft_vocab_size", type=int, default=None,
+        help="LongSpec: draft over the N tokens most frequent in the draft's training data "
+             "(needs the draft's token_counts.safetensors)."),
 }
 DEFAULT_CHAIN_TOKENS = 4
 
@@ -139,7 +158,8 @@ def apply_cli_flags(engine_args: Any, args: argparse.Namespace) -> None:
         raise LongSpecConfigError("--speculative-model and --speculative-config are exclusive")
     options = _user_options(engine_args.additional_config)
     for dest, key in (("longspec_tree_widths", "tree_widths"), ("longspec_window", "window"),
-                      ("longspec_min_prompt_len", "min_prompt_len")):
+                      ("longspec_min_prompt_len", "min_prompt_len"),
+                      ("longspec_draft_vocab_size", "draft_vocab_size")):
         value = getattr(args, dest, None)
         if value is not None:
             options[key] = value

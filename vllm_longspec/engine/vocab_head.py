@@ -38,13 +38,19 @@ class DraftVocabHead:
             vocabulary when `comm` is None or has one rank).
         shard: which global ids those columns are.
         comm: the TP group (None: a single rank).
+        token_ids: [N] the vocabulary ids of the logit columns when the head covers a pruned
+            vocabulary (`draft.vocab`); None: column i is id i. Single rank only.
     """
 
     def __init__(self, local_logits: Callable[[torch.Tensor], torch.Tensor], shard: VocabShard,
-                 comm: TPComm | None = None):
+                 comm: TPComm | None = None, token_ids: torch.Tensor | None = None):
         self.local_logits = local_logits
         self.shard = shard
         self.comm = comm if comm is not None and comm.world_size > 1 else None
+        if token_ids is not None and self.comm is not None:
+            raise ValueError("a pruned draft vocabulary is not supported under tensor "
+                             "parallelism")
+        self.token_ids = token_ids
 
     def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, shard.size] fp32 log-probabilities of this rank's ids, normalised
@@ -71,6 +77,9 @@ class DraftVocabHead:
         logprobs = self.log_probs(hidden).reshape(batch, nodes, -1)
         local = expand_level(logprobs, scores, width)
         if self.comm is None:
+            if self.token_ids is not None:
+                return LevelExpansion(tokens=self.token_ids[local.tokens],
+                                      parent_local=local.parent_local, scores=local.scores)
             return local
         best, parent = local.scores, local.parent_local
         tokens = local.tokens + self.shard.start

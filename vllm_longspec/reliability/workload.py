@@ -166,6 +166,9 @@ def build_workload(config: WorkloadConfig, round_index: int = 0,
             fault_after = float(rng.randint(1, 4))
         elif fault == "abort":
             fault_after = round(rng.uniform(0.05, 1.5), 3)
+            # Long enough to be still running when its client gives up (a short one may
+            # finish first on a fast server, and the fault would never fire).
+            max_tokens = max(max_tokens, min(8 * high_tokens, config.max_model_len // 2))
         room = config.max_model_len - max_tokens - 1
         if rng.random() < config.shared_prefix_fraction and config.shared_prefix_len < room:
             extra = rng.randint(1, max(1, min(64, room - config.shared_prefix_len)))

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from ..draft.checkpoint import (build_draft_layer, check_draft_fits_target, load_draft_checkpoint,
                                 save_draft_checkpoint)
+from ..draft.vocab import count_tokens, save_token_counts
 from ..draft.model import LongSpecDraftLayer, init_draft_weights
 from .data import SequenceSampler, build_data
 from .dist import (DistInfo, barrier, gather_objects, mean_across_ranks, setup_distributed,
@@ -453,3 +454,5 @@ class Trainer:
         save_draft_checkpoint(self.draft, cfg.output, window=self.window,
                               target_config=self.target.config_dict,
                               dtype=_DTYPES[cfg.save_dtype], extra=extra)
+        # For drafting over the most frequent tokens only (draft_vocab_size, `draft.vocab`).
+        save_token_counts(cfg.output, count_tokens(self.data.train, self.draft.arch.vocab_size))
