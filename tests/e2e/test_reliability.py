@@ -42,8 +42,10 @@ def servers(tmp_path_factory, tiny_models):
         target=tiny_models["qwen"], draft=tiny_models["zero_draft_qwen"],
         num_speculative_tokens=3, min_prompt_len=MIN_PROMPT_LEN, max_model_len=MAX_MODEL_LEN,
         max_num_seqs=CONCURRENCY, max_num_batched_tokens=512,
-        # 10 blocks of 128 tokens for 8 concurrent requests of up to 1024 tokens: preemption
-        num_gpu_blocks=10,
+        # 9 blocks of 128 tokens for 8 concurrent requests of up to 1024 tokens: one long
+        # request leaves a single block to the others, so the scheduler must preempt however
+        # fast the rounds run (10 blocks left it to timing)
+        num_gpu_blocks=9,
         env={"LONGSPEC_INJECT_DRAFT_ERRORS": str(INJECT_EVERY)},
         extra_args=("--enable-log-requests",))  # logs every abort that reaches the engine
     started = start_servers({"longspec": longspec, "reference": longspec.reference()},
