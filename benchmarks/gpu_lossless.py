@@ -38,14 +38,16 @@ def code_prompts(tokenizer: Any, code_dir: str, lengths: list[int]) -> list[list
 
 
 def run(target: str, prompts: list[list[int]], max_tokens: int, spec: dict | None,
-        additional: dict | None, eager: bool, logprobs: int | None) -> dict:
+        additional: dict | None, eager: bool, logprobs: int | None,
+        max_model_len: int = 32768, gpu_memory_utilization: float = 0.45) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     from vllm_longspec.compat.vllm_api import shutdown_llm, engine_counters
 
-    kwargs: dict[str, Any] = dict(model=target, dtype="bfloat16", max_model_len=32768,
-                                  gpu_memory_utilization=0.45, enforce_eager=eager, seed=0,
+    kwargs: dict[str, Any] = dict(model=target, dtype="bfloat16", max_model_len=max_model_len,
+                                  gpu_memory_utilization=gpu_memory_utilization,
+                                  enforce_eager=eager, seed=0,
                                   max_num_seqs=8, enable_prefix_caching=True,
                                   disable_log_stats=False)
     if spec:
@@ -65,7 +67,8 @@ def run(target: str, prompts: list[list[int]], max_tokens: int, spec: dict | Non
         shutdown_llm(llm)
         del llm
     result: dict[str, Any] = {"token_ids": [list(o.outputs[0].token_ids) for o in outs],
-                              "seconds": elapsed, "startup_s": startup, "counters": counters}
+                              "seconds": elapsed, "startup_s": startup, "counters": counters,
+                              "model_runner": os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "auto")}
     if logprobs:
         gaps = []
         for o in outs:
@@ -79,9 +82,13 @@ def run(target: str, prompts: list[list[int]], max_tokens: int, spec: dict | Non
     return result
 
 
-def run_in_child(**config: Any) -> dict:
+def run_in_child(runner: str = "auto", **config: Any) -> dict:
     """`run` in a fresh process: vLLM keeps CUDA-graph memory pools per process, and a second
-    engine capturing graphs in the same process trips PyTorch's allocator."""
+    engine capturing graphs in the same process trips PyTorch's allocator.
+
+    Args:
+        runner: "v1" / "v2" forces vLLM's model runner (``VLLM_USE_V2_MODEL_RUNNER``);
+            "auto" lets vLLM choose."""
     import subprocess
     import sys
     import tempfile
@@ -90,8 +97,11 @@ def run_in_child(**config: Any) -> dict:
         spec_path, result_path = os.path.join(tmp, "config.json"), os.path.join(tmp, "out.json")
         with open(spec_path, "w") as f:
             json.dump(config, f)
+        env = dict(os.environ)
+        if runner != "auto":
+            env["VLLM_USE_V2_MODEL_RUNNER"] = "1" if runner == "v2" else "0"
         proc = subprocess.run([sys.executable, "-m", "vllm_longspec_benchmarks.gpu_lossless",
-                               "--child", spec_path, "--child-out", result_path])
+                               "--child", spec_path, "--child-out", result_path], env=env)
         if proc.returncode != 0 or not os.path.exists(result_path):
             raise RuntimeError(f"engine child failed ({proc.returncode})")
         with open(result_path) as f:
@@ -109,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=4, help="chain length (ignored with a tree)")
     parser.add_argument("--tree-widths", default=None,
                         help="verify token trees of these level widths, e.g. 4,16,16,16,16")
+    parser.add_argument("--draft-vocab-size", type=int, default=None)
+    parser.add_argument("--runner", choices=["auto", "v1", "v2"], default="auto",
+                        help="vLLM model runner of the LongSpec engine (plain: vLLM's choice)")
+    parser.add_argument("--max-model-len", type=int, default=32768)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.45)
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--target", required=False)
@@ -131,17 +146,23 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.target)
     lengths = [int(x) for x in args.lengths.split(",")]
     prompts = code_prompts(tokenizer, args.code_dir, lengths)
+    engine = dict(max_model_len=args.max_model_len,
+                  gpu_memory_utilization=args.gpu_memory_utilization)
     base = run_in_child(target=args.target, prompts=prompts, max_tokens=args.max_tokens,
-                        spec=None, additional=None, eager=args.eager, logprobs=2)
+                        spec=None, additional=None, eager=args.eager, logprobs=2, **engine)
     options: dict[str, Any] = {}
+    if args.draft_vocab_size:
+        options["draft_vocab_size"] = args.draft_vocab_size
     k = args.k
     if args.tree_widths:
         options["tree_widths"] = [int(w) for w in args.tree_widths.split(",")]
         k = len(options["tree_widths"])
     spec = run_in_child(target=args.target, prompts=prompts, max_tokens=args.max_tokens,
                         spec={"method": "longspec", "model": draft, "num_speculative_tokens": k},
-                        additional={"longspec": options}, eager=args.eager, logprobs=None)
+                        additional={"longspec": options}, eager=args.eager, logprobs=None,
+                        runner=args.runner, **engine)
     report = {"target": args.target, "draft": draft, "lengths": lengths, "k": k,
+              "model_runner": args.runner,
               "tree_widths": options.get("tree_widths"), "max_tokens": args.max_tokens,
               "requests": []}
     exact = 0

@@ -49,9 +49,15 @@ PHASES: list[tuple[str, str, str]] = [
     ("vllm_longspec.engine.proposer", "LongSpecProposer._update_ring", "ls.ring_update"),
     ("vllm_longspec.engine.proposer", "LongSpecProposer._draft_tree", "ls.draft_tree"),
     ("vllm_longspec.engine.proposer", "LongSpecProposer._hand_over_trees", "ls.hand_over"),
+    # Model Runner V2 (vLLM's default on CUDA) and LongSpec's V2 speculator
+    ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner.execute_model", "v2.execute_model"),
+    ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner.prepare_inputs", "v2.prepare_inputs"),
+    ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner.sample_tokens", "v2.sample_tokens"),
+    ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner.sample", "v2.sample"),
+    ("vllm_longspec.engine.device_proposer", "DeviceProposer.propose", "ls.v2_propose"),
     ("vllm_longspec.draft.model", "LongSpecDraftLayer.forward", "ls.draft_layer"),
-    ("vllm_longspec.engine.proposer", "attend_paged_prefix", "ls.draft_cross_attention"),
-    ("vllm_longspec.engine.proposer", "grouped_ring_self_attention", "ls.draft_self_attention"),
+    ("vllm_longspec.engine.drafter", "attend_paged_prefix", "ls.draft_cross_attention"),
+    ("vllm_longspec.engine.drafter", "grouped_ring_self_attention", "ls.draft_self_attention"),
     ("vllm_longspec.engine.vocab_head", "DraftVocabHead.expand_level", "ls.expand_level"),
 ]
 
@@ -137,6 +143,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from vllm_longspec.compat.vllm_api import engine_counters, shutdown_llm
 
+    if args.runner != "auto":  # read by vLLM when it builds the engine config
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1" if args.runner == "v2" else "0"
     phases = annotate_phases()
     target = args.target or shape_folder(args.shape, args.out)
     kwargs: dict[str, Any] = dict(
@@ -158,6 +166,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["additional_config"] = {"longspec": options}
     llm = LLM(**kwargs)
     engine = llm.llm_engine
+    async_scheduling = bool(engine.vllm_config.scheduler_config.async_scheduling)
     with open(os.path.join(target, "config.json")) as f:
         vocab = json.load(f)["vocab_size"]
     span = min(1000, vocab - 10)
@@ -205,6 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    if e.device_type.name == "CPU") / 1e3 / steps
     timed = sorted(plain_times)
     return {"variant": args.variant, "shape": args.shape, "context": args.context,
+            "model_runner": args.runner, "async_scheduling": async_scheduling,
             "median_step_ms": timed[len(timed) // 2] * 1e3,
             "mean_step_ms": sum(timed) / len(timed) * 1e3,
             "profiled_step_ms": sum(profiled_times) / steps * 1e3,
@@ -214,7 +224,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_report(report: dict[str, Any]) -> None:
-    print(f"\n== {report['variant']} ({report['shape']}, {report['context']} tokens): "
+    print(f"\n== {report['variant']} ({report['shape']}, {report['context']} tokens, runner "
+          f"{report.get('model_runner')}, async scheduling {report.get('async_scheduling')}): "
           f"median step {report['median_step_ms']:.2f} ms, mean {report['mean_step_ms']:.2f} ms "
           f"(profiled {report['profiled_step_ms']:.2f} ms), GPU kernels "
           f"{report['gpu_kernel_ms_per_step']:.2f} ms/step")
@@ -244,13 +255,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-steps", type=int, default=8)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--eager", action="store_true")
+    parser.add_argument("--runner", choices=["auto", "v1", "v2"], default="auto",
+                        help="vLLM model runner (VLLM_USE_V2_MODEL_RUNNER); auto: vLLM's choice")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--out", default="prof_out")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     report = run(args)
     print_report(report)
-    with open(os.path.join(args.out, f"profile_{args.variant}.json"), "w") as f:
+    with open(os.path.join(args.out, f"profile_{args.variant}_{args.runner}.json"), "w") as f:
         json.dump(report, f, indent=1)
     return 0
 

@@ -37,6 +37,11 @@
    longest sequence is within ``num_speculative_tokens`` of ``max_model_len`` vLLM skips
    drafting for the whole batch without calling the proposer; count those request-steps as
    fallbacks for /metrics (`drafting_gate`). Observation only: the result is unchanged.
+10-13. Model Runner V2 (vLLM 0.26 on CUDA; `v2_runner` says why each is needed): let LongSpec
+   chains run on V2 (``VllmConfig._get_v2_model_runner_unsupported_features``) with async
+   scheduling (``EngineArgs.create_engine_config``), build LongSpec's V2 speculator
+   (``vllm.v1.worker.gpu.spec_decode.init_speculator``) and hand it the runner's request state
+   (V2 ``GPUModelRunner.initialize_kv_cache``).
 """
 
 from __future__ import annotations
@@ -206,7 +211,10 @@ def runner_patches() -> list[Patch]:
 
 def apply_engine_patches() -> None:
     """From register(): every process (API server, engine core, workers)."""
-    for patch in engine_patches() + cpu_kernel_patches():
+    from .v2_runner import config_patches, speculator_factory_patches
+
+    for patch in (engine_patches() + cpu_kernel_patches() + config_patches()
+                  + speculator_factory_patches()):
         apply_patch(patch)
 
 

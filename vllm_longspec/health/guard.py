@@ -79,6 +79,33 @@ def publish(proposer: Any) -> None:
     _health_of(proposer).publish(proposer)
 
 
+def guarded_drafting(proposer: Any, draft: Callable[[], Any], fallback: Callable[[], Any],
+                     num_requests: int) -> Any:
+    """`drafting_guard` for proposers that return device tensors (vLLM's Model Runner V2):
+    runs ``draft()``; when it raises, counts and logs the error and returns ``fallback()``
+    (drafts that verification will simply reject). Publishes the counters either way."""
+    health = _health_of(proposer)
+    try:
+        health.maybe_inject()
+        drafts = draft()
+    except Exception as error:
+        _count_error(proposer, error, num_requests)
+        drafts = fallback()
+    health.publish(proposer)
+    return drafts
+
+
+def _count_error(proposer: Any, error: Exception, num_requests: int) -> None:
+    stats = proposer.stats
+    errors = stats["drafting_errors"] = stats.get("drafting_errors", 0) + 1
+    stats["fallback_drafting_error"] = stats.get("fallback_drafting_error", 0) + num_requests
+    if errors <= _LOG_FIRST:
+        logger.error("LongSpec drafting failed (error %d); %d requests decode this "
+                     "step without speculation", errors, num_requests, exc_info=error)
+    elif errors % _LOG_EVERY == 0:
+        logger.error("LongSpec drafting failed %d times so far (last: %r)", errors, error)
+
+
 def drafting_guard(propose: Callable[..., list[list[int]]]) -> Callable[..., list[list[int]]]:
     """Decorates a proposer's ``propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu,
     slot_mappings=None) -> list[list[int]]`` (vLLM's custom-class interface).
@@ -97,16 +124,7 @@ def drafting_guard(propose: Callable[..., list[list[int]]]) -> Callable[..., lis
             health.maybe_inject()
             drafts = propose(self, sampled_token_ids, *args, **kwargs)
         except Exception as error:
-            errors = self.stats["drafting_errors"] = self.stats.get("drafting_errors", 0) + 1
-            decoding = sum(1 for sampled in sampled_token_ids if sampled)
-            self.stats["fallback_drafting_error"] = (
-                self.stats.get("fallback_drafting_error", 0) + decoding)
-            if errors <= _LOG_FIRST:
-                logger.error("LongSpec drafting failed (error %d); %d requests decode this "
-                             "step without speculation", errors, decoding, exc_info=error)
-            elif errors % _LOG_EVERY == 0:
-                logger.error("LongSpec drafting failed %d times so far (last: %r)", errors,
-                             error)
+            _count_error(self, error, sum(1 for sampled in sampled_token_ids if sampled))
             drafts = [[] for _ in sampled_token_ids]
         health.publish(self)
         return drafts

