@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_longspec.compat.fused_ops import FusedOps
 from vllm_longspec.config import LongSpecConfig
 from vllm_longspec.draft.model import DraftArchitecture, LongSpecDraftLayer, init_draft_weights
 from vllm_longspec.draft.ring_cache import DraftKVRing
@@ -19,6 +20,7 @@ from vllm_longspec.draft.rope import rope_from_cos_sin
 from vllm_longspec.engine.device_proposer import DeviceProposer, DeviceStep
 from vllm_longspec.engine.draft_graphs import DraftInputs
 from vllm_longspec.engine.drafter import LongSpecDrafter
+from vllm_longspec.engine.serving_layer import ServingDraftLayer
 from vllm_longspec.engine.vocab_head import DraftVocabHead, VocabShard
 
 ARCH = DraftArchitecture(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -42,7 +44,8 @@ def _drafter(widths: tuple[int, ...] | None = None) -> LongSpecDrafter:
     config = LongSpecConfig(draft="/unused", num_speculative_tokens=DEPTH, window=WINDOW,
                             tree_widths=widths)
     drafter = LongSpecDrafter(vllm_config=None, config=config, ring_rows=SLOTS + 1)
-    drafter.draft = init_draft_weights(LongSpecDraftLayer(ARCH), seed=3, std=0.2)
+    drafter.draft = ServingDraftLayer(init_draft_weights(LongSpecDraftLayer(ARCH), seed=3,
+                                                         std=0.2), FusedOps(False))
     drafter.arch = ARCH
     embedding = torch.randn(ARCH.vocab_size, ARCH.hidden_size)
     head = torch.randn(ARCH.vocab_size, ARCH.hidden_size)

@@ -58,6 +58,9 @@ def v2_refusal(vllm_config: Any) -> str | None:
     config = LongSpecConfig.from_dict(options)
     if config.is_tree:
         return "token trees are verified by the V1 runner"
+    if config.min_prompt_len > 0:
+        # V2 schedules the same number of draft tokens for every request of a step.
+        return "min_prompt_len (speculation for some requests only) needs the V1 runner"
     parallel = vllm_config.parallel_config
     if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
         return "tensor/pipeline parallelism runs on the V1 runner"

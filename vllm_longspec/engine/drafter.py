@@ -25,17 +25,19 @@ from typing import Any
 import torch
 
 from ..compat import vllm_api
+from ..compat.fused_ops import FusedOps
 from ..config import LongSpecConfig
 from ..draft.checkpoint import check_draft_fits_target, load_draft_checkpoint
-from ..draft.model import DraftArchitecture, LongSpecDraftLayer
+from ..draft.model import DraftArchitecture
 from ..draft.ring_cache import DraftKVRing
 from ..draft.rope import rope_from_vllm_rotary
 from ..draft.vocab import TOKEN_COUNTS_FILE, frequent_token_ids, load_token_counts
 from vllm_longspec_kernels import attend_paged_prefix
 
 from .beam_tree import tree_node_offsets
-from .draft_attention import grouped_ring_self_attention
 from .draft_graphs import DraftInputs
+from .ring_attention import ring_attention
+from .serving_layer import ServingDraftLayer
 from .tp_draft import build_draft_on_rank
 from .vocab_head import DraftVocabHead, VocabShard
 
@@ -56,7 +58,7 @@ class LongSpecDrafter:
         self.config = config
         self.widths = config.level_widths
         self.ring_rows = ring_rows
-        self.draft: LongSpecDraftLayer | None = None
+        self.draft: ServingDraftLayer | None = None
         self._target_attn = None
 
     def load(self, target_model: Any) -> None:
@@ -71,11 +73,15 @@ class LongSpecDrafter:
         # Under tensor parallelism: this rank's shard of the draft and of the lm_head.
         on_rank = build_draft_on_rank(ckpt, target_model, self.target, self.vllm_config)
         self.on_rank = on_rank
-        self.draft, self.vocab_head = on_rank.draft, on_rank.head
+        self.vocab_head = on_rank.head
         self.arch = ckpt.arch
         if self.config.draft_vocab_size is not None:
             self.vocab_head = self._pruned_vocab_head(target_model, on_rank.comm)
-        self.rope = rope_from_vllm_rotary(self.target.rotary)
+        ops = FusedOps.for_device(self.target.device)
+        self.rope = ops.rope_fn(self.target.rotary) or rope_from_vllm_rotary(self.target.rotary)
+        # What serving runs: the same weights, fused (see `serving_layer`); the reference
+        # layer's unfused copies are dropped with it.
+        self.draft = ServingDraftLayer(on_rank.draft, ops)
         self.ring = DraftKVRing(self.ring_rows, self.config.window, on_rank.num_kv_heads,
                                 ckpt.arch.head_dim, self.target.dtype, self.target.device)
 
@@ -128,7 +134,6 @@ class LongSpecDrafter:
                 and no two sharing ``position % window``).
             token_ids: [N] int64 the tokens at those positions.
         """
-        assert self.draft is not None
         k, v = self.draft.self_kv(self.target.embed(token_ids), positions, self.rope)
         self.ring.write(rows, positions, k, v)
 
@@ -145,15 +150,17 @@ class LongSpecDrafter:
         Returns:
             tokens [B, N] int64 (BFS order, root excluded), parents [B, N+1] int64.
         """
-        assert self.draft is not None
+        if all(width == 1 for width in self.widths):
+            return self.draft_chain(inputs, max_prefix)
+        return self._draft_levels(inputs, max_prefix)
+
+    def _draft_levels(self, inputs: DraftInputs, max_prefix: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The general tree drafting (`draft_tree` without the chain shortcut)."""
         device = self.device
         scale = self.arch.head_dim ** -0.5
-        k_cache, v_cache = self.target_kv()
         batch_size = inputs.roots.shape[0]
-        table = inputs.block_table
-        prefix_t = inputs.prefix_lens
-        # FlashAttention over the paged cache on the GPU; plain torch on the CPU.
-        prefix_backend = "auto" if device.type == "cuda" else "torch"
+        cross_attend = self._cross_attention(inputs, max_prefix)
         num_nodes = self.num_nodes
         ring_rows, ring_valid, root_pos = inputs.ring_rows, inputs.ring_valid, inputs.root_positions
         parents = torch.full((batch_size, num_nodes), -1, dtype=torch.long, device=device)
@@ -175,8 +182,8 @@ class LongSpecDrafter:
                 nonlocal scratch_k, scratch_v
                 q = q.reshape(batch_size, nodes_here, *q.shape[1:])
                 if level == 0:  # the root is committed: already in its ring
-                    out = grouped_ring_self_attention(q, self.ring.k, self.ring.v, ring_rows,
-                                                      ring_valid, None, None, scale)
+                    out = ring_attention(q, self.ring.k, self.ring.v, ring_rows, ring_valid,
+                                         None, None, scale)
                     return out.reshape(-1, *out.shape[2:])
                 k = k.reshape(batch_size, nodes_here, *k.shape[1:])
                 v = v.reshape(batch_size, nodes_here, *v.shape[1:])
@@ -185,23 +192,13 @@ class LongSpecDrafter:
                 seen = scratch_k.shape[1]
                 visible = ancestors.gather(
                     1, level_nodes.unsqueeze(-1).expand(-1, -1, num_nodes))[:, :, 1:seen + 1]
-                out = grouped_ring_self_attention(q, self.ring.k, self.ring.v, ring_rows,
-                                                  ring_valid, scratch_k, scratch_v, scale,
-                                                  visible)
+                out = ring_attention(q, self.ring.k, self.ring.v, ring_rows, ring_valid,
+                                     scratch_k, scratch_v, scale, visible)
                 return out.reshape(-1, *out.shape[2:])
-
-            def cross_attend(q, nodes_here=nodes_here):
-                if max_prefix == 0:
-                    return torch.zeros_like(q)
-                cu = torch.arange(batch_size + 1, dtype=torch.int32, device=device) * nodes_here
-                o, _ = attend_paged_prefix(q.contiguous(), k_cache, v_cache, table, prefix_t,
-                                           cu, scale, max_seqlen_q=nodes_here,
-                                           max_prefix_len=max_prefix, backend=prefix_backend)
-                return o.to(q.dtype)
 
             positions = (root_pos + level).repeat_interleave(nodes_here)
             hidden = self.draft(self.target.embed(query.reshape(-1)), positions, self.rope,
-                                self_attend, cross_attend)
+                                self_attend, lambda q, n=nodes_here: cross_attend(q, n))
             grown = self.vocab_head.expand_level(hidden, scores, width)
             new_nodes = torch.arange(offsets[level], offsets[level] + width, device=device)
             new_nodes = new_nodes.unsqueeze(0).expand(batch_size, -1)
@@ -214,3 +211,53 @@ class LongSpecDrafter:
             levels.append(grown.tokens)
             query, scores, level_nodes = grown.tokens, grown.scores, new_nodes
         return torch.cat(levels, dim=1), parents
+
+    def draft_chain(self, inputs: DraftInputs, max_prefix: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`draft_tree` for a chain (every width 1): the argmax at every level, without the
+        tree's bookkeeping (parents, ancestor masks, cumulative scores, log-softmax)."""
+        depth = len(self.widths)
+        batch_size = inputs.roots.shape[0]
+        scale = self.arch.head_dim ** -0.5
+        cross_attend = self._cross_attention(inputs, max_prefix)
+        scratch: list[tuple[torch.Tensor, torch.Tensor]] = []
+        query = inputs.roots
+        levels = []
+        for level in range(depth):
+
+            def self_attend(q, k, v, level=level):
+                if level > 0:  # a draft node: its own K/V join the scratch (it sees itself)
+                    scratch.append((k, v))
+                keys = torch.stack([kv[0] for kv in scratch], dim=1) if scratch else None
+                values = torch.stack([kv[1] for kv in scratch], dim=1) if scratch else None
+                out = ring_attention(q.unsqueeze(1), self.ring.k, self.ring.v,
+                                     inputs.ring_rows, inputs.ring_valid, keys, values, scale)
+                return out.squeeze(1)
+
+            hidden = self.draft(self.target.embed(query), inputs.root_positions + level,
+                                self.rope, self_attend, lambda q: cross_attend(q, 1))
+            query = self.vocab_head.greedy(hidden)
+            levels.append(query)
+        parents = torch.arange(-1, depth, device=self.device).unsqueeze(0).expand(batch_size, -1)
+        return torch.stack(levels, dim=1), parents
+
+    def _cross_attention(self, inputs: DraftInputs, max_prefix: int):
+        """cross_attend(q [B*n, Hq, D], n) over each request's committed target prefix:
+        FlashAttention over the paged cache on the GPU, plain torch on the CPU."""
+        k_cache, v_cache = self.target_kv()
+        scale = self.arch.head_dim ** -0.5
+        batch_size = inputs.roots.shape[0]
+        backend = "auto" if self.device.type == "cuda" else "torch"
+
+        def cross_attend(q: torch.Tensor, nodes_per_request: int) -> torch.Tensor:
+            if max_prefix == 0:
+                return torch.zeros_like(q)
+            cu = torch.arange(batch_size + 1, dtype=torch.int32,
+                              device=q.device) * nodes_per_request
+            out, _ = attend_paged_prefix(q.contiguous(), k_cache, v_cache, inputs.block_table,
+                                         inputs.prefix_lens, cu, scale,
+                                         max_seqlen_q=nodes_per_request,
+                                         max_prefix_len=max_prefix, backend=backend)
+            return out.to(q.dtype)
+
+        return cross_attend

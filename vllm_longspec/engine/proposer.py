@@ -25,7 +25,6 @@ import torch
 
 from ..compat import vllm_api
 from ..config import LongSpecConfig
-from ..draft.model import LongSpecDraftLayer
 from ..draft.ring_cache import DraftKVRing
 from ..health.guard import drafting_guard
 from .beam_tree import best_path, tree_node_offsets
@@ -57,7 +56,7 @@ class LongSpecProposer:
         self.depth = self.config.num_speculative_tokens
         self.widths = self.config.level_widths
         self._step: vllm_api.RunnerStep | None = None
-        self.draft: LongSpecDraftLayer | None = None
+        self.draft: Any = None  # the drafter's serving layer, once loaded
         self.draft_graphs: DraftCudaGraphs | None = None
         self.stats = {"steps": 0, "drafted_requests": 0, "skipped_short_prompt": 0,
                       "chain_fallback_sampling": 0, "draft_seconds": 0.0,

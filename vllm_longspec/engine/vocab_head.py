@@ -62,6 +62,15 @@ class DraftVocabHead:
         log_z = torch.logsumexp(self.comm.all_gather(log_z, dim=-1), dim=-1, keepdim=True)
         return logits - log_z
 
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N] int64 the draft's most likely token (a chain's next node), from
+        the raw logits: no softmax, no fp32 copy of the vocabulary-sized logits."""
+        if self.comm is not None:
+            zeros = hidden.new_zeros(hidden.shape[0], 1, dtype=torch.float32)
+            return self.expand_level(hidden, zeros, 1).tokens[:, 0]
+        best = self.local_logits(hidden)[:, :self.shard.size].argmax(dim=-1)
+        return best if self.token_ids is None else self.token_ids[best]
+
     def expand_level(self, hidden: torch.Tensor, scores: torch.Tensor,
                      width: int) -> LevelExpansion:
         """Global top-`width` children of a level, identical on every rank.

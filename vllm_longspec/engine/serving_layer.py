@@ -1,0 +1,99 @@
+"""The draft layer's serving form: the same weights and math, far fewer kernels per call.
+
+`draft.model.LongSpecDraftLayer` is the one definition of the draft (training and the
+published checkpoint layout use it). Serving calls it once per tree level, and there its
+structure -- separate q/k/v and gate/up projections, RMSNorms written as six elementwise ops,
+SiLU and the product as two more -- turns into ~50 kernel launches per level whose launch
+gaps, not their arithmetic, set the drafting time. `ServingDraftLayer` concatenates the q|k|v
+and gate|up weights once at load time and runs the norms, residual adds and SwiGLU through
+`compat.fused_ops` (vLLM's fused kernels on CUDA, identical torch elsewhere): ~13 launches
+plus the two attentions. The output equals the reference layer's up to float rounding
+(`tests/unit/test_serving_draft.py`); drafts are only proposals, so rounding never changes
+what LongSpec generates.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..compat.fused_ops import FusedOps
+from ..draft.model import CrossAttendFn, LongSpecDraftLayer, RopeFn, SelfAttendFn
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+class ServingDraftLayer(nn.Module):
+    """Inference-only view of a loaded `LongSpecDraftLayer` (its tensors are shared or
+    concatenated copies; the original may be dropped).
+
+    Args:
+        layer: the loaded draft (a tensor-parallel shard keeps its ``reduce_partial``).
+        ops: the fused kernels to run with.
+    """
+
+    def __init__(self, layer: LongSpecDraftLayer, ops: FusedOps):
+        super().__init__()
+        self.arch = layer.arch
+        self.ops = ops
+        # A tensor-parallel shard sums the ranks' partial o_proj/down_proj outputs. (Not the
+        # layer's bound method: that would keep the unfused copies of the weights alive.)
+        comm = getattr(layer, "comm", None)
+        self.reduce_partial = comm.all_reduce if comm is not None else _identity
+        attn, cross, mlp = layer.self_attn, layer.cross_attn, layer.mlp
+        with torch.no_grad():
+            self.qkv_weight = nn.Parameter(torch.cat(
+                [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), False)
+            self.qkv_bias = nn.Parameter(torch.cat(
+                [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]), False)
+            self.gate_up_weight = nn.Parameter(torch.cat(
+                [mlp.gate_proj.weight, mlp.up_proj.weight]), False)
+        self.o_weight = attn.o_proj.weight
+        self.cross_q_weight, self.cross_q_bias = cross.q_proj.weight, cross.q_proj.bias
+        self.cross_o_weight = cross.o_proj.weight
+        self.down_weight = mlp.down_proj.weight
+        self.norm_in = layer.input_layernorm.weight
+        self.norm_self = layer.post_self_attention_layernorm.weight
+        self.norm_cross = layer.post_cross_attention_layernorm.weight
+        self.eps = layer.input_layernorm.eps
+        self.q_size = self.arch.num_attention_heads * self.arch.head_dim
+        self.kv_size = self.arch.num_key_value_heads * self.arch.head_dim
+
+    def self_kv(self, embeds: torch.Tensor, positions: torch.Tensor,
+                rope: RopeFn) -> tuple[torch.Tensor, torch.Tensor]:
+        """`LongSpecDraftLayer.self_kv`: k, v [N, Hk, D] of tokens (k rotated)."""
+        x = self.ops.rms_norm(embeds, self.norm_in, self.eps)
+        kv = F.linear(x, self.qkv_weight[self.q_size:], self.qkv_bias[self.q_size:])
+        k, v = kv.split([self.kv_size, self.kv_size], dim=-1)
+        _, k = rope(positions, None, k)
+        hk, d = self.arch.num_key_value_heads, self.arch.head_dim
+        return k.reshape(-1, hk, d), v.reshape(-1, hk, d)
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, rope: RopeFn,
+                self_attend: SelfAttendFn, cross_attend: CrossAttendFn) -> torch.Tensor:
+        """`LongSpecDraftLayer.forward` (same contract: [N, hidden] -> [N, hidden]), except
+        that `embeds` may be overwritten (it is the residual stream)."""
+        hq, hk, d = self.arch.num_attention_heads, self.arch.num_key_value_heads, self.arch.head_dim
+        n = embeds.shape[0]
+        x = self.ops.rms_norm(embeds, self.norm_in, self.eps)
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = rope(positions, q, k)
+        attn = self_attend(q.reshape(n, hq, d), k.reshape(n, hk, d), v.reshape(n, hk, d))
+        out = self.reduce_partial(F.linear(attn.reshape(n, hq * d).to(embeds.dtype),
+                                           self.o_weight))
+        x, h = self.ops.add_rms_norm(out, embeds, self.norm_self, self.eps)
+
+        qc = F.linear(x, self.cross_q_weight, self.cross_q_bias)
+        qc, _ = rope(positions, qc, None)
+        attn = cross_attend(qc.reshape(n, hq, d))
+        out = self.reduce_partial(F.linear(attn.reshape(n, hq * d).to(h.dtype),
+                                           self.cross_o_weight))
+        x, h = self.ops.add_rms_norm(out, h, self.norm_cross, self.eps)
+
+        mlp = F.linear(self.ops.silu_and_mul(F.linear(x, self.gate_up_weight)),
+                       self.down_weight)
+        return h + self.reduce_partial(mlp)
