@@ -180,3 +180,32 @@ def test_grouped_ring_attention_equals_per_query_ring_attention():
             mask.reshape(batch * n, extra) if with_extra else None)
         assert torch.isfinite(grouped).all()
         torch.testing.assert_close(grouped.reshape(-1, hq, d), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_weight_check_leaves_the_process_safe_to_fork(tmp_path):
+    """vLLM forks its engine core from the process that ran the weight check; a fork after
+    torch's intra-op thread team has started hangs the child's first parallel CPU op."""
+    import subprocess
+    import sys
+
+    big = DraftArchitecture(hidden_size=512, num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=128, intermediate_size=2048, vocab_size=50)
+    folder = save_draft_checkpoint(init_draft_weights(LongSpecDraftLayer(big)),
+                                   str(tmp_path / "big"), window=64)
+    script = f"""
+import os, sys, time, torch
+from vllm_longspec.draft.checkpoint import check_draft_weights
+check_draft_weights({folder!r})
+pid = os.fork()
+if pid == 0:
+    torch.zeros(4_000_000).fill_(1.0).sum()
+    os._exit(0)
+deadline = time.time() + 20
+while time.time() < deadline:
+    if os.waitpid(pid, os.WNOHANG)[0]:
+        sys.exit(0)
+    time.sleep(0.05)
+os.kill(pid, 9)
+sys.exit(3)
+"""
+    assert subprocess.run([sys.executable, "-c", script], timeout=60).returncode == 0

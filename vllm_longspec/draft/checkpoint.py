@@ -241,7 +241,21 @@ def check_draft_weights(path: str) -> None:
     """Reads every tensor of a draft checkpoint once and refuses NaN or Inf values, naming the
     tensor. Run before the engine starts (one tensor in memory at a time for safetensors), so a
     broken draft stops ``vllm serve`` at once instead of inside a worker a minute later;
-    `build_draft_layer` checks again when the worker loads the draft."""
+    `build_draft_layer` checks again when the worker loads the draft.
+
+    Runs on one CPU thread: it runs in vLLM's API process, which then *forks* the engine core,
+    and a fork after torch's intra-op (OpenMP) thread team has started leaves the child's first
+    parallel CPU op waiting forever (seen on vLLM 0.26: the V2 runner's first pinned-buffer
+    fill hung the engine core)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _check_draft_weights(path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_draft_weights(path: str) -> None:
     _, weights_path = _find_files(path)
     try:
         if weights_path.endswith(".safetensors"):
