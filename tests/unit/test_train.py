@@ -418,7 +418,7 @@ def test_ddp_and_fsdp_two_gloo_processes(small_target, corpus, work):
 
 
 # --------------------------------------------------------------------------- bad input
-def test_bad_input_errors(small_target, corpus, tmp_path, capsys):
+def test_bad_input_errors(small_target, corpus, long_docs, tmp_path, capsys):
     out = str(tmp_path / "out")
     assert main(_train_args(small_target, str(tmp_path / "missing.txt"), out, "--steps", "1")) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -438,6 +438,12 @@ def test_bad_input_errors(small_target, corpus, tmp_path, capsys):
     assert main(_train_args(small_target, corpus, out, "--steps", "1", "--resume",
                             str(tmp_path / "nope"))) == 2
     assert "--resume" in capsys.readouterr().err
+    assert main(_train_args(small_target, corpus, out, "--steps", "1", "--eval-long-data",
+                            long_docs, "--eval-long-len", "400", "--eval-long-tail", "16")) == 2
+    assert "no long-evaluation document has >= 400 tokens" in capsys.readouterr().err
+    assert main(_train_args(small_target, corpus, out, "--steps", "1", "--eval-long-data",
+                            long_docs, "--eval-long-len", "64", "--eval-long-tail", "65")) == 2
+    assert "--eval-long-len must be >= --eval-long-tail" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--target", small_target])  # --data/--output/--steps missing
 

@@ -103,11 +103,13 @@ class TrainConfig:
                   (self.max_lag >= 1, "--max-lag must be >= 1"),
                   (self.loss in ("ce", "distill"), "--loss must be ce or distill"),
                   (self.eval_long_offset >= 0, "--eval-long-offset must be >= 0"),
-                  (self.eval_long_tail >= 1, "--eval-long-tail must be >= 1"),
-                  (bool(self.eval_long_len) and min(self.eval_long_len) >= self.eval_long_tail,
+                  (not self.eval_long_data or self.eval_long_tail >= 1,
+                   "--eval-long-tail must be >= 1"),
+                  (not self.eval_long_data or (bool(self.eval_long_len) and min(
+                      self.eval_long_len) >= self.eval_long_tail),
                    "every --eval-long-len must be >= --eval-long-tail"),
-                  (self.eval_long_docs is None or self.eval_long_docs >= 1,
-                   "--eval-long-docs must be >= 1"),
+                  (not self.eval_long_data or self.eval_long_docs is None
+                   or self.eval_long_docs >= 1, "--eval-long-docs must be >= 1"),
                   (self.dtype in ("auto", "bf16", "fp32"), "--dtype must be auto, bf16 or fp32"),
                   (self.save_dtype in _DTYPES, "--save-dtype must be fp32, bf16 or fp16"),
                   (self.stop_at_step is None or 1 <= self.stop_at_step <= self.steps,
