@@ -418,7 +418,7 @@ def test_ddp_and_fsdp_two_gloo_processes(small_target, corpus, work):
 
 
 # --------------------------------------------------------------------------- bad input
-def test_bad_input_errors(small_target, corpus, tmp_path, capsys):
+def test_bad_input_errors(small_target, corpus, long_docs, tmp_path, capsys):
     out = str(tmp_path / "out")
     assert main(_train_args(small_target, str(tmp_path / "missing.txt"), out, "--steps", "1")) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -438,5 +438,202 @@ def test_bad_input_errors(small_target, corpus, tmp_path, capsys):
     assert main(_train_args(small_target, corpus, out, "--steps", "1", "--resume",
                             str(tmp_path / "nope"))) == 2
     assert "--resume" in capsys.readouterr().err
+    assert main(_train_args(small_target, corpus, out, "--steps", "1", "--eval-long-data",
+                            long_docs, "--eval-long-len", "400", "--eval-long-tail", "16")) == 2
+    assert "no long-evaluation document has >= 400 tokens" in capsys.readouterr().err
+    assert main(_train_args(small_target, corpus, out, "--steps", "1", "--eval-long-data",
+                            long_docs, "--eval-long-len", "64", "--eval-long-tail", "65")) == 2
+    assert "--eval-long-len must be >= --eval-long-tail" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--target", small_target])  # --data/--output/--steps missing
+
+
+# --------------------------------------------------------------------------- real long prefixes
+LONG_WINDOW = 16  # the draft's self-attention window, well below the evaluated lengths
+LONG_TAIL = 32
+
+
+def _word_text(chars: int, seed: int) -> str:
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "def", "return", "class", "import", "self", "x"]
+    text = ""
+    while len(text) < chars:
+        text += rng.choice(words) + rng.choice([" ", " ", "\n", "(", ")"])
+    return text[:chars]
+
+
+@pytest.fixture(scope="module")
+def long_docs(work) -> str:
+    """Three documents (byte tokenizer: one token per character): 300 tokens, 150 (only long
+    enough for L = 128) and 50 (too short, skipped)."""
+    folder = work / "long_docs"
+    (folder / "books").mkdir(parents=True)
+    (folder / "books" / "a.txt").write_text(_word_text(300, 1))
+    (folder / "books" / "b.txt").write_text(_word_text(150, 2))
+    (folder / "c.txt").write_text(_word_text(50, 3))
+    return str(folder)
+
+
+def _last_layer_cache(cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """The HF cache's last-layer (keys, values) as [S, Hk, D] (post-RoPE keys)."""
+    if hasattr(cache, "layers"):
+        k, v = cache.layers[-1].keys, cache.layers[-1].values
+    elif hasattr(cache, "key_cache"):
+        k, v = cache.key_cache[-1], cache.value_cache[-1]
+    else:
+        k, v = cache[-1]
+    return k[0].transpose(0, 1), v[0].transpose(0, 1)
+
+
+def _naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q [Hq, D] over k, v [n, Hk, D] (all visible), GQA by repetition; [Hq, D]."""
+    rep = q.shape[0] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    weights = (torch.einsum("hd,jhd->hj", q, k) * q.shape[-1] ** -0.5).softmax(-1)
+    return torch.einsum("hj,jhd->hd", weights, v)
+
+
+class _NaiveReference:
+    """E[accept] and top-1 agreement per token of `ids` [S], the naive way: one pass of the HF
+    model (its own KV cache and logits, not FrozenTarget's hook; causal, so token i's values are
+    those of a pass over ids[:i + 1]) and, per token, the draft layer over the last `window`
+    tokens only, query by query: self-attention over the earlier of those, cross-attention over
+    the target's keys cross_from..t-1 for the token at index t (lag 1).
+    `position_shift` / `cross_from` > 0 give deliberately wrong references."""
+
+    def __init__(self, target, draft, ids: torch.Tensor, window: int):
+        self.target, self.draft, self.ids, self.window = target, draft, ids, window
+        with torch.no_grad():
+            out = target.model(input_ids=ids[None], use_cache=True)
+        self.logits = out.logits[0]
+        self.k_all, self.v_all = _last_layer_cache(out.past_key_values)
+        self.embeds = target.embed(ids[None])[0]
+
+    @torch.no_grad()
+    def __call__(self, index: int, position_shift: int = 0,
+                 cross_from: int = 0) -> tuple[float, bool]:
+        seg = list(range(max(0, index - self.window + 1), index + 1))
+        k_all, v_all = self.k_all, self.v_all
+
+        def self_attend(q, k, v):
+            return torch.stack([_naive_attention(q[t], k[:t + 1], v[:t + 1])
+                                for t in range(len(seg))])
+
+        def cross_attend(q):
+            rows = []
+            for t, pos in enumerate(seg):
+                if pos - 1 < cross_from:
+                    rows.append(torch.zeros_like(q[t]))
+                else:
+                    rows.append(_naive_attention(q[t], k_all[cross_from:pos],
+                                                 v_all[cross_from:pos]))
+            return torch.stack(rows)
+
+        positions = torch.tensor(seg) + position_shift
+        hidden = self.draft(self.embeds[seg], positions, self.target.rope, self_attend,
+                            cross_attend)[-1]
+        d_logits, t_logits = self.target.lm_head(hidden), self.logits[index]
+        accept = torch.minimum(d_logits.softmax(-1), t_logits.softmax(-1)).sum().item()
+        return accept, bool(d_logits.argmax() == t_logits.argmax())
+
+
+def test_long_prefix_eval_equals_naive_reference(work, long_docs):
+    """Per token, the long-prefix evaluation equals a naive recomputation (HF KV cache, the draft
+    over its window only, cross-attention over the whole prefix at the real positions), for the
+    first tokens, for the last tokens before L = 128 and 256 and for those tokens alone; a
+    reference with positions off by one or a cross-attention limited to the window differs."""
+    from transformers import AutoTokenizer
+
+    from vllm_longspec.draft.model import LongSpecDraftLayer, init_draft_weights
+    from vllm_longspec.train.long_eval import LongPrefixEval, load_windows
+
+    target = FrozenTarget.load(make_tiny_target(str(work / "long_target"), "qwen2", seed=4,
+                                                **SMALL))
+    draft = init_draft_weights(LongSpecDraftLayer(target.arch), seed=2, std=0.1)
+    with torch.no_grad():  # peaky attention: a wrong position or key set shows in the output
+        for proj in (draft.self_attn.q_proj, draft.self_attn.k_proj, draft.cross_attn.q_proj):
+            proj.weight.mul_(4.0)
+    tokenizer = AutoTokenizer.from_pretrained(str(work / "long_target"))
+    windows, stats = load_windows([long_docs], tokenizer, length=256, min_length=128)
+    assert [w.name for w in windows] == ["books/a.txt", "books/b.txt"]
+    assert stats["skipped_too_short"] == {"c.txt": 50}
+    a = windows[0]
+    assert a.ids.numel() == 256 and a.labels[-1] == tokenizer(_word_text(300, 1))["input_ids"][256]
+    assert windows[1].ids.numel() == 150 and windows[1].labels[-1] == IGNORE_INDEX
+
+    evaluation = LongPrefixEval(target, windows, lengths=[256, 128], tail=LONG_TAIL)
+    per_token = evaluation.token_metrics(draft, window=LONG_WINDOW)
+    assert set(per_token[0]) == {("head", None), ("tail", 128), ("tail", 256),
+                                 ("no_prefix", 128), ("no_prefix", 256)}
+    assert set(per_token[1]) == {("head", None), ("tail", 128), ("no_prefix", 128)}
+    checks = [("head", None, range(0, LONG_TAIL)), ("tail", 128, range(96, 128)),
+              ("tail", 256, range(224, 256))]
+    reference = _NaiveReference(target, draft, a.ids, LONG_WINDOW)
+    wrong_gap = {"shift": 0.0, "window_only": 0.0}
+    for kind, length, indices in checks:
+        got = per_token[0][(kind, length)]
+        ref = [reference(i) for i in indices]
+        torch.testing.assert_close(got.accept, torch.tensor([r[0] for r in ref]),
+                                   atol=2e-5, rtol=0)
+        assert got.top1.tolist() == [r[1] for r in ref]
+        for i in list(indices)[-3:]:
+            right = reference(i)[0]
+            wrong_gap["shift"] = max(wrong_gap["shift"],
+                                     abs(reference(i, position_shift=1)[0] - right))
+            if i >= LONG_WINDOW:
+                windowed = reference(i, cross_from=i - LONG_WINDOW + 1)[0]
+                wrong_gap["window_only"] = max(wrong_gap["window_only"], abs(windowed - right))
+    assert min(wrong_gap.values()) > 1e-3, wrong_gap  # the comparison above has teeth
+    # The tail alone: the same tokens as their own sequence at positions 0..M-1.
+    alone = _NaiveReference(target, draft, a.ids[224:256], LONG_WINDOW)
+    torch.testing.assert_close(per_token[0][("no_prefix", 256)].accept,
+                               torch.tensor([alone(i)[0] for i in range(LONG_TAIL)]),
+                               atol=2e-5, rtol=0)
+
+    summary = evaluation.evaluate(draft, window=LONG_WINDOW)
+    assert summary["lengths"]["128"]["windows"] == 2 and summary["lengths"]["256"]["windows"] == 1
+    for result in summary["lengths"].values():
+        for kind in ("head", "tail", "no_prefix"):
+            m = result[kind]
+            assert 0.0 <= m["accept"] <= 1.0 and 0.0 <= m["top1"] <= 1.0, (kind, m)
+            assert m["tokens"] == LONG_TAIL * result["windows"]
+    head = per_token[0][("head", None)]
+    assert summary["per_window"][0]["head"]["accept"] == pytest.approx(head.accept.mean().item())
+    assert summary["per_window"][0]["tail"]["256"]["tokens"] == LONG_TAIL
+
+
+def test_train_long_eval_flags_and_standalone_command(small_target, corpus, long_docs, work):
+    """--eval-long-* end up in the summary (config, data, every evaluation), and the standalone
+    command reproduces the final numbers from the saved draft."""
+    from vllm_longspec.train.long_eval import main as long_eval_main
+
+    out = str(work / "run_long_eval")
+    assert main(_train_args(small_target, corpus, out, "--steps", "3", "--window", "8",
+                            "--eval-long-data", long_docs, "--eval-long-len", "64", "128",
+                            "--eval-long-tail", "16", "--eval-long-docs", "2")) == 0
+    s = _summary(out)
+    cfg = s["config"]
+    assert cfg["eval_long_data"] == [long_docs] and cfg["eval_long_len"] == [64, 128]
+    assert cfg["eval_long_tail"] == 16 and cfg["eval_long_docs"] == 2
+    assert s["long_eval_data"]["windows"] == 2
+    assert s["long_eval_data"]["window_tokens"] == {"books/a.txt": 128, "books/b.txt": 128}
+    for record in (s["eval_initial"], s["eval"]):
+        long_doc = record["long_doc"]
+        assert long_doc["tail"] == 16 and set(long_doc["lengths"]) == {"64", "128"}
+        for result in long_doc["lengths"].values():
+            assert result["windows"] == 2
+            assert 0.0 <= result["tail"]["accept"] <= 1.0
+    assert "short" in s["eval"] and "long" in s["eval"]
+
+    results = str(work / "long_eval.json")
+    assert long_eval_main(["--target", small_target, "--draft", out, "--data", long_docs,
+                           "--len", "64", "128", "--tail", "16", "--docs", "2", "--no-progress",
+                           "--out", results]) == 0
+    with open(results, encoding="utf-8") as f:
+        standalone = json.load(f)["drafts"][out]
+    assert standalone["window"] == 8 and standalone["anchor_offset"] is True
+    for n, result in s["eval"]["long_doc"]["lengths"].items():
+        for kind in ("head", "tail", "no_prefix"):
+            for metric in ("accept", "top1", "ce"):
+                assert standalone["lengths"][n][kind][metric] == pytest.approx(
+                    result[kind][metric], abs=1e-5), (n, kind, metric)

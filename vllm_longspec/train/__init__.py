@@ -2,7 +2,8 @@
 
 Modules: data (files -> packed token sequences), positions (anchor-offset), target_kv (frozen
 target exposing its last-layer K/V), attention (the draft's training attentions), forward,
-loss, metrics (held-out acceptance), dist (DDP/FSDP plumbing), loop, cli.
+loss, metrics (held-out acceptance), long_eval (acceptance over real long prefixes; also a
+standalone command), dist (DDP/FSDP plumbing), loop, cli.
 """
 
 

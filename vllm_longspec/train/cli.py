@@ -1,6 +1,7 @@
 """``vllm-longspec train`` / ``python -m vllm_longspec.train``: train a LongSpec draft.
 
     vllm-longspec train --target MODEL_DIR --data 'src/**/*.py' --output DRAFT_DIR --steps 1000
+        [--eval-long-data BOOKS... --eval-long-len 16384 32768]   (real long-prefix evaluation)
     torchrun --nproc_per_node 8 -m vllm_longspec.train --target ... (DDP; add --fsdp for a target
     that does not fit one GPU)
 """
@@ -10,8 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from .errors import TrainError
+from .long_eval import DEFAULT_TAIL
 from .loop import DEFAULT_WINDOW, TrainConfig, train
 from .positions import DEFAULT_THRESHOLD
 
@@ -94,6 +97,18 @@ def build_parser(prog: str = "vllm-longspec train") -> argparse.ArgumentParser:
     ev.add_argument("--eval-long-offset", type=int, default=16384,
                     help="'long' evaluation: the first 4 tokens (the sink) keep positions 0..3, "
                          "the rest are shifted by this much; 0 to skip (%(default)s)")
+    ev.add_argument("--eval-long-data", nargs="+", default=None, metavar="FILE",
+                    help="real long-prefix evaluation (long_eval.py) over these long documents "
+                         "(files, folders, globs, *.jsonl): one window of the first "
+                         "max(--eval-long-len) tokens per document; the target reads it whole, "
+                         "the draft cross-attends over all of it")
+    ev.add_argument("--eval-long-len", nargs="+", type=_positive_int, default=[16384],
+                    metavar="L", help="prefix lengths: each evaluates the tokens L-tail..L-1 "
+                                      "against the documents' first tail tokens (%(default)s)")
+    ev.add_argument("--eval-long-tail", type=_positive_int, default=DEFAULT_TAIL,
+                    help="tokens per evaluated block (%(default)s)")
+    ev.add_argument("--eval-long-docs", type=_positive_int, default=None,
+                    help="at most this many long documents (default: all long enough)")
 
     hw = p.add_argument_group("hardware")
     hw.add_argument("--device", default="auto",
@@ -116,6 +131,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         max_lag=args.max_lag, loss=args.loss, anchor_offset=not args.no_anchor_offset,
         anchor_threshold=args.anchor_threshold, eval_every=args.eval_every,
         eval_tokens=args.eval_tokens, eval_long_offset=args.eval_long_offset,
+        eval_long_data=list(args.eval_long_data) if args.eval_long_data else None,
+        eval_long_len=list(args.eval_long_len), eval_long_tail=args.eval_long_tail,
+        eval_long_docs=args.eval_long_docs,
         save_every=args.save_every, stop_at_step=args.stop_at_step, log_every=args.log_every,
         seed=args.seed, device=args.device, dtype=args.dtype, save_dtype=args.save_dtype,
         resume=args.resume, fsdp=args.fsdp, init_draft=args.init_draft,
@@ -134,10 +152,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vllm-longspec train: error: {e}", file=sys.stderr)
         return 2
     if _is_main():
-        printable = {k: v for k, v in summary.items()
+        printable = {k: _without_per_window(v) for k, v in summary.items()
                      if k not in ("loss_history", "eval_history", "config")}
         print(json.dumps(printable, indent=2, default=str))
     return 0
+
+
+def _without_per_window(value: Any) -> Any:
+    """An eval record without its long-prefix per-document rows (they stay in the JSON file)."""
+    if isinstance(value, dict) and isinstance(value.get("long_doc"), dict):
+        return {**value, "long_doc": {k: v for k, v in value["long_doc"].items()
+                                      if k != "per_window"}}
+    return value
 
 
 def _is_main() -> bool:

@@ -22,7 +22,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -38,6 +38,7 @@ from .dist import (DistInfo, barrier, gather_objects, mean_across_ranks, setup_d
                    teardown_distributed, weights_digest, wrap_draft_ddp)
 from .errors import TrainError
 from .forward import draft_forward
+from .long_eval import DEFAULT_TAIL, LongPrefixEval, format_long_eval, load_windows
 from .loss import lm_loss, next_token_labels
 from .metrics import evaluate_short_long
 from .positions import DEFAULT_THRESHOLD, anchor_offset_positions
@@ -74,6 +75,10 @@ class TrainConfig:
     eval_every: int = 200
     eval_tokens: int = 32768
     eval_long_offset: int = 16384
+    eval_long_data: list[str] | None = None  # real long-prefix evaluation (long_eval.py)
+    eval_long_len: list[int] = field(default_factory=lambda: [16384])
+    eval_long_tail: int = DEFAULT_TAIL
+    eval_long_docs: int | None = None  # None: every document long enough
     save_every: int | None = None      # None: at every evaluation
     stop_at_step: int | None = None
     log_every: int = 10
@@ -98,6 +103,13 @@ class TrainConfig:
                   (self.max_lag >= 1, "--max-lag must be >= 1"),
                   (self.loss in ("ce", "distill"), "--loss must be ce or distill"),
                   (self.eval_long_offset >= 0, "--eval-long-offset must be >= 0"),
+                  (not self.eval_long_data or self.eval_long_tail >= 1,
+                   "--eval-long-tail must be >= 1"),
+                  (not self.eval_long_data or (bool(self.eval_long_len) and min(
+                      self.eval_long_len) >= self.eval_long_tail),
+                   "every --eval-long-len must be >= --eval-long-tail"),
+                  (not self.eval_long_data or self.eval_long_docs is None
+                   or self.eval_long_docs >= 1, "--eval-long-docs must be >= 1"),
                   (self.dtype in ("auto", "bf16", "fp32"), "--dtype must be auto, bf16 or fp32"),
                   (self.save_dtype in _DTYPES, "--save-dtype must be fp32, bf16 or fp16"),
                   (self.stop_at_step is None or 1 <= self.stop_at_step <= self.steps,
@@ -160,6 +172,16 @@ def resolve_resume(cfg: TrainConfig) -> str | None:
     if not os.path.isfile(path):
         raise TrainError(f"--resume {cfg.resume!r}: no {STATE_FILE} there")
     return path
+
+
+def precision(spec: str, device: torch.device) -> tuple[torch.dtype, Callable[[], Any]]:
+    """The target dtype for ``--dtype`` (auto: bf16 on GPU, fp32 on CPU) and the draft's
+    autocast context factory (bf16 autocast with a bf16 target, else none)."""
+    dtype = ((torch.bfloat16 if device.type == "cuda" else torch.float32) if spec == "auto"
+             else _DTYPES[spec])
+    if dtype == torch.bfloat16:
+        return dtype, lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return dtype, contextlib.nullcontext
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -229,8 +251,7 @@ class Trainer:
         device = self.device = info.device
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.dtype = ((torch.bfloat16 if device.type == "cuda" else torch.float32)
-                      if cfg.dtype == "auto" else _DTYPES[cfg.dtype])
+        self.dtype, self.autocast = precision(cfg.dtype, device)
         sharded = cfg.fsdp and info.distributed
         if cfg.fsdp and not sharded:
             _log(info, "[longspec-train] --fsdp ignored: a single process")
@@ -238,9 +259,6 @@ class Trainer:
                                         dtype=self.dtype)
         if sharded:
             self.target.shard_fsdp(info)
-        self.autocast: Callable[[], Any] = (
-            (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
-            if self.dtype == torch.bfloat16 else contextlib.nullcontext)
 
         tokenizer, eos_id = load_eos_id(cfg.target, self.target)
         self.data = build_data(cfg.data, tokenizer, eos_id=eos_id, seq_len=cfg.seq_len,
@@ -251,6 +269,7 @@ class Trainer:
             _log(info, f"[longspec-train] warning: --eval-long-offset {cfg.eval_long_offset} + "
                        f"--seq-len exceeds the target's max_position_embeddings "
                        f"{self.target.max_positions}")
+        self.long_eval, self.long_eval_stats = self._build_long_eval(tokenizer)
         self.sampler = SequenceSampler(self.data.train.shape[0], cfg.seed)
 
         self.draft, self.window = build_draft(cfg, self.target)
@@ -264,6 +283,28 @@ class Trainer:
         self.history: dict[str, list] = {"loss": [], "eval": []}
         self.start_step = self._restore()
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * info.world_size
+
+    def _build_long_eval(self, tokenizer: Any
+                         ) -> tuple[LongPrefixEval | None, dict[str, Any] | None]:
+        """The real long-prefix evaluation set (--eval-long-data; runs the target over it)."""
+        cfg, info = self.cfg, self.info
+        if not cfg.eval_long_data:
+            return None, None
+        lengths = sorted(set(cfg.eval_long_len))
+        windows, stats = load_windows(cfg.eval_long_data, tokenizer, length=lengths[-1],
+                                      min_length=lengths[0], max_docs=cfg.eval_long_docs,
+                                      text_field=cfg.text_field)
+        _log(info, f"[longspec-train] long-prefix eval: {stats['windows']} documents "
+                   f"({stats['documents_read']} read, {len(stats['skipped_too_short'])} shorter "
+                   f"than {lengths[0]} tokens), lengths {lengths}, last {cfg.eval_long_tail} "
+                   "tokens")
+        if lengths[-1] > self.target.max_positions:
+            _log(info, f"[longspec-train] warning: --eval-long-len {lengths[-1]} exceeds the "
+                       f"target's max_position_embeddings {self.target.max_positions}")
+        evaluation = LongPrefixEval(self.target, windows, lengths=lengths,
+                                    tail=cfg.eval_long_tail, autocast=self.autocast,
+                                    progress=cfg.progress and info.is_main)
+        return evaluation, stats
 
     # ------------------------------------------------------------------ state
     def _restore(self) -> int:
@@ -303,18 +344,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def evaluate(self, step: int) -> dict[str, Any] | None:
-        """Held-out metrics (every rank computes them all; see metrics.py)."""
-        if self.data.eval.shape[0] == 0:
+        """Held-out metrics (every rank computes them all; see metrics.py and long_eval.py):
+        ``{"step", "short", "long", "long_doc"}``, the last with --eval-long-data only."""
+        if self.data.eval.shape[0] == 0 and self.long_eval is None:
             return None
-        metrics = evaluate_short_long(self.draft, self.target, self.data.eval,
-                                      window=self.window, batch_size=self.cfg.batch_size,
-                                      long_offset=self.cfg.eval_long_offset,
-                                      autocast=self.autocast)
-        record = {"step": step, **metrics}
+        record: dict[str, Any] = {"step": step}
+        if self.data.eval.shape[0]:
+            metrics = evaluate_short_long(self.draft, self.target, self.data.eval,
+                                          window=self.window, batch_size=self.cfg.batch_size,
+                                          long_offset=self.cfg.eval_long_offset,
+                                          autocast=self.autocast)
+            record.update(metrics)
+            _log(self.info, "[longspec-train] eval step %d: %s" % (step, "  ".join(
+                f"{name}: accept {m['accept']:.4f} top1 {m['top1']:.4f} ce {m['ce']:.4f}"
+                for name, m in metrics.items())))
+        if self.long_eval is not None:
+            record["long_doc"] = self.long_eval.evaluate(self.draft, window=self.window)
+            for line in format_long_eval(record["long_doc"]):
+                _log(self.info, f"[longspec-train] eval step {step} long-prefix {line}")
         self.history["eval"].append(record)
-        _log(self.info, "[longspec-train] eval step %d: %s" % (step, "  ".join(
-            f"{name}: accept {m['accept']:.4f} top1 {m['top1']:.4f} ce {m['ce']:.4f}"
-            for name, m in metrics.items())))
         return record
 
     def micro_batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -430,6 +478,7 @@ class Trainer:
             "eval": final_eval,
             "eval_history": evals,
             "data": self.data.stats,
+            "long_eval_data": self.long_eval_stats,
             "rank_weight_digests": digests,
             "weights_in_sync": len(set(digests)) == 1,
             "output": os.path.abspath(cfg.output),
