@@ -138,3 +138,22 @@ def test_merge_and_exactness():
     assert merged["exactness"]["fast"]["points_with_other_prompts"] == 1
     with pytest.raises(ValueError):
         merge_results([{"schema": "other", "meta": {}, "methods": {}}], ["x.json"])
+
+
+def test_quick_preset_and_context_clipping():
+    from vllm_longspec_benchmarks.bench_e2e import build_points, parse_args
+
+    args = parse_args(["--target", "t", "--quick"])
+    assert (args.contexts, args.batches, args.tasks, args.max_tokens, args.temperatures) == (
+        "4k,16k,32k", "1", "continue,code", 128, "0,1")
+    assert parse_args(["--target", "t", "--quick", "--max-tokens", "64"]).max_tokens == 64
+    assert parse_args(["--target", "t"]).batches == "1,4,16"
+    args = parse_args(["--target", "t", "--prompt-source", "synthetic", "--contexts", "256,4k",
+                       "--batches", "1,2", "--temperatures", "0", "--tasks", "code",
+                       "--max-tokens", "8"])
+    points, info = build_points(args, {"vocab_size": 320}, max_model_len=1024)
+    assert info["contexts"] == [{"prompt_tokens": 256, "requested": 256},
+                                {"prompt_tokens": 1024 - 9 - 128, "requested": 4096}]
+    assert [(p["context"], p["batch"]) for p in points] == [(256, 1), (256, 2), (887, 1),
+                                                          (887, 2)]
+    assert all(len(prompt) == p["context"] for p in points for prompt in p["prompts"])
