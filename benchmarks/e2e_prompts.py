@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import sysconfig
 import tarfile
 import tempfile
@@ -301,6 +300,3 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     digest = hashlib.sha256(repr(sorted(vocab.items())).encode()).hexdigest()[:16]
     return f"{type(tokenizer).__name__}-{len(vocab)}-{digest}"
 
-
-def safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
