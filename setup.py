@@ -65,7 +65,8 @@ setup(
         "cuda": ["vllm>=0.26,<0.33"],
         # the demo converts SmolLM2's GGUF checkpoint with transformers, which needs both
         "demo": ["gguf>=0.10", "accelerate>=0.30"],
-        "test": ["pytest>=8", "scipy"],
+        # matplotlib: the e2e benchmark test checks its plots
+        "test": ["pytest>=8", "scipy", "matplotlib"],
         "bench": ["matplotlib"],
     },
     entry_points={
