@@ -36,3 +36,47 @@ def test_v2_refusal_is_lifted_only_for_longspec_chains():
     assert wrapped(tree) == [_REFUSED_FEATURE, "stock torch.compile"]
     other = _config(model="somebody.else.Proposer")
     assert wrapped(other) == [_REFUSED_FEATURE, "stock torch.compile"]
+
+
+def _post_init_config(asked, v2=True, options=None):
+    config = _config(options)
+    config.scheduler_config = SimpleNamespace(async_scheduling=asked)
+    config.parallel_config.disable_nccl_for_dp_synchronization = False
+    config.model_config = SimpleNamespace(disable_cascade_attn=False)
+    config.use_v2_model_runner = v2
+    return config
+
+
+def _vllm_post_init(config):
+    """What vLLM 0.26's own check does for a custom_class method."""
+    if config.scheduler_config.async_scheduling:
+        raise ValueError("Currently, async scheduling is only supported with EAGLE/MTP/...")
+    config.scheduler_config.async_scheduling = False
+
+
+def test_async_scheduling_is_turned_on_for_longspec_on_v2(monkeypatch):
+    import vllm_longspec.compat.v2_runner as module
+
+    monkeypatch.setattr(module, "_executor_supports_async", lambda config: True)
+    post_init = module._wrap_post_init(_vllm_post_init)
+    config = _post_init_config(None)
+    post_init(config)
+    assert config.scheduler_config.async_scheduling is True
+    assert config.model_config.disable_cascade_attn
+    post_init(config)  # the engine core runs it again after its handshake: must not raise
+    assert config.scheduler_config.async_scheduling is True
+    refused = _post_init_config(False)
+    post_init(refused)
+    assert refused.scheduler_config.async_scheduling is False  # the user said no
+    on_v1 = _post_init_config(None, v2=False)
+    post_init(on_v1)
+    assert on_v1.scheduler_config.async_scheduling is False
+    try:
+        post_init(_post_init_config(True, v2=False))
+        raise AssertionError("async scheduling on V1 must be refused")
+    except ValueError as e:
+        assert "Model Runner V2" in str(e)
+    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    spawned = _post_init_config(None)
+    post_init(spawned)
+    assert spawned.scheduler_config.async_scheduling is False

@@ -39,7 +39,7 @@
    fallbacks for /metrics (`drafting_gate`). Observation only: the result is unchanged.
 10-13. Model Runner V2 (vLLM 0.26 on CUDA; `v2_runner` says why each is needed): let LongSpec
    chains run on V2 (``VllmConfig._get_v2_model_runner_unsupported_features``) with async
-   scheduling (``EngineArgs.create_engine_config``), build LongSpec's V2 speculator
+   scheduling (``VllmConfig.__post_init__``), build LongSpec's V2 speculator
    (``vllm.v1.worker.gpu.spec_decode.init_speculator``) and hand it the runner's request state
    (V2 ``GPUModelRunner.initialize_kv_cache``).
 """

@@ -11,9 +11,12 @@ The patches (each also listed in `patches.py`):
 
 10. ``VllmConfig._get_v2_model_runner_unsupported_features``: V2 lists every custom_class
     method as unsupported; drop that entry for LongSpec configurations `v2_refusal` accepts.
-11. ``EngineArgs.create_engine_config``: vLLM disables async scheduling for every speculative
-    method but its EAGLE-like ones; LongSpec on V2 is sync-free like them, so turn it back on
-    (with what vLLM sets beside it) unless the user chose.
+11. ``VllmConfig.__post_init__``: vLLM disables async scheduling for every speculative method
+    but its EAGLE-like ones (and raises when it is asked for). LongSpec on V2 is sync-free like
+    them, so turn it on (with what vLLM sets beside it) unless the user said no. It must be the
+    post-init itself: the engine core re-runs it after its start-up handshake, before it loads
+    plugins (the forked process inherits this patch; a *spawned* engine core would not, so
+    LongSpec keeps vLLM's choice there).
 12. ``vllm.v1.worker.gpu.spec_decode.init_speculator``: V2's speculator factory is a closed
     if/elif that raises for custom_class; build LongSpec's speculator instead.
 13. V2 ``GPUModelRunner.initialize_kv_cache``: a V2 speculator gets no handle on the runner's
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Any, Callable
 
 import torch
@@ -78,23 +82,32 @@ def _wrap_unsupported_features(original: Callable[..., list[str]]) -> Callable[.
     return _get_v2_model_runner_unsupported_features
 
 
-def _wrap_create_engine_config(original: Callable[..., Any]) -> Callable[..., Any]:
+def _wrap_post_init(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
-    def create_engine_config(self, *args, **kwargs):
-        config = original(self, *args, **kwargs)
-        if (getattr(self, "async_scheduling", None) is None
-                and not config.scheduler_config.async_scheduling
-                and longspec_options(config) is not None and config.use_v2_model_runner
-                and _executor_supports_async(config)):
-            config.scheduler_config.async_scheduling = True
+    def __post_init__(self, *args, **kwargs):
+        scheduler = getattr(self, "scheduler_config", None)
+        longspec = scheduler is not None and longspec_options(self) is not None
+        asked = scheduler.async_scheduling if longspec else None
+        if longspec and asked:
+            # vLLM refuses async scheduling for custom_class outright; decide it below.
+            scheduler.async_scheduling = None
+        original(self, *args, **kwargs)
+        if not longspec or asked is False:
+            return
+        if (self.use_v2_model_runner and _executor_supports_async(self)
+                and os.environ.get("VLLM_WORKER_MULTIPROC_METHOD") != "spawn"):
+            scheduler.async_scheduling = True
             # What vLLM sets beside async speculative decoding (config/vllm.py, 0.26).
-            config.parallel_config.disable_nccl_for_dp_synchronization = True
-            if config.model_config is not None:
-                config.model_config.disable_cascade_attn = True
+            self.parallel_config.disable_nccl_for_dp_synchronization = True
+            if self.model_config is not None:
+                self.model_config.disable_cascade_attn = True
             logger.info("LongSpec runs on Model Runner V2: asynchronous scheduling enabled")
-        return config
+        elif asked:
+            raise ValueError("LongSpec runs with async scheduling only on Model Runner V2 "
+                             f"(here: {v2_refusal(self) or 'V1 runner or spawned engine'}); "
+                             "drop --async-scheduling")
 
-    return create_engine_config
+    return __post_init__
 
 
 def _executor_supports_async(config: Any) -> bool:
@@ -132,7 +145,6 @@ def config_patches() -> list[Patch]:
     """From register(), every process (configs are built in the API process and the engine)."""
     try:
         from vllm.config import VllmConfig
-        from vllm.engine.arg_utils import EngineArgs
     except ImportError:
         return []
     if "_get_v2_model_runner_unsupported_features" not in VllmConfig.__dict__:
@@ -140,8 +152,8 @@ def config_patches() -> list[Patch]:
     return [
         Patch(VllmConfig, "_get_v2_model_runner_unsupported_features",
               "let LongSpec chains run on Model Runner V2", _wrap_unsupported_features),
-        Patch(EngineArgs, "create_engine_config",
-              "async scheduling for LongSpec on Model Runner V2", _wrap_create_engine_config),
+        Patch(VllmConfig, "__post_init__",
+              "async scheduling for LongSpec on Model Runner V2", _wrap_post_init),
     ]
 
 
