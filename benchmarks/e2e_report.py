@@ -36,7 +36,7 @@ def merge_results(parts: list[dict[str, Any]], sources: list[str]) -> dict[str, 
         merged["parts"].append({"file": source, "meta": part["meta"]})
         for name, method in part["methods"].items():
             have = merged["methods"].get(name)
-            if have is None or have.get("status") == "skipped":
+            if have is None or (have.get("status") != "ok" and not have.get("points")):
                 merged["methods"][name] = json.loads(json.dumps(method))
                 continue
             if method.get("status") == "skipped":
@@ -49,6 +49,8 @@ def merge_results(parts: list[dict[str, Any]], sources: list[str]) -> dict[str, 
             if method.get("status") != "ok":  # keeps the points of the parts that ran
                 have["status"] = "partial" if have["points"] else method.get("status")
                 have["error"] = method.get("error")
+            elif have.get("status") != "ok" and not have.get("error"):
+                have["status"] = "ok"
     if merged["meta"].get("device_name") is None:
         merged["meta"]["device_name"] = next(
             (p["meta"]["device_name"] for p in parts if p["meta"].get("device_name")), None)
