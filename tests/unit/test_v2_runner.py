@@ -58,6 +58,8 @@ def test_async_scheduling_is_turned_on_for_longspec_on_v2(monkeypatch):
     import vllm_longspec.compat.v2_runner as module
 
     monkeypatch.setattr(module, "_executor_supports_async", lambda config: True)
+    # vLLM sets this in the test process once an earlier engine has forced spawn.
+    monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
     post_init = module._wrap_post_init(_vllm_post_init)
     config = _post_init_config(None)
     post_init(config)

