@@ -211,11 +211,13 @@ def runner_patches() -> list[Patch]:
 
 def apply_engine_patches() -> None:
     """From register(): every process (API server, engine core, workers)."""
+    from .attention_backend import cpu_selection_patches, register_tree_backend
     from .v2_runner import config_patches, speculator_factory_patches
 
     for patch in (engine_patches() + cpu_kernel_patches() + config_patches()
-                  + speculator_factory_patches()):
+                  + speculator_factory_patches() + cpu_selection_patches()):
         apply_patch(patch)
+    register_tree_backend()
 
 
 def apply_runner_patches() -> None:

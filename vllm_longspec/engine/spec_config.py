@@ -101,6 +101,10 @@ def rewrite_engine_args(engine_args: Any, target_model_config: Any) -> None:
     hf_config = getattr(target_model_config.hf_config, "text_config", None) \
         or target_model_config.hf_config
     vllm_spec, config = resolve_longspec(spec, engine_args.additional_config, hf_config)
+    if config.tree_widths is not None:
+        from ..compat.attention_backend import select_tree_backend
+
+        select_tree_backend(engine_args)
     engine_args.speculative_config = vllm_spec
     engine_args.additional_config = {**(engine_args.additional_config or {}),
                                      METHOD: config.to_dict()}

@@ -24,7 +24,7 @@ from .tp_agreement import agree_on_acceptance, agree_on_tree_rows
 from .tree_acceptance import accept_trees, compaction_slots
 from .verification import (TreeRowCandidate, TreeVerificationPlan, active_plan,
                            ancestor_masks, build_plan, set_active_plan)
-from .verify_attention import FullGraphTreeMasks, set_full_graph_masks, wrap_attention_forward
+from .verify_attention import FullGraphTreeMasks, TreeVerifyingImpl, set_full_graph_masks
 
 logger = logging.getLogger("vllm_longspec")
 
@@ -54,7 +54,8 @@ class TreeVerifier:
 
     # ------------------------------------------------------------------ setup
     def install(self) -> None:
-        """Wraps every target attention layer (called once the target is loaded)."""
+        """Checks that every target attention layer attends through LongSpec's tree backend
+        (called once the target is loaded)."""
         cache_dtype = str(self.vllm_config.cache_config.cache_dtype)
         layers = vllm_api.target_attention_layers(self.vllm_config)
         for name, layer in layers.items():
@@ -63,9 +64,12 @@ class TreeVerifier:
                 raise ValueError(f"LongSpec token trees need plain causal attention in every "
                                  f"target layer; {name} uses {why}. Omit tree_widths to "
                                  "speculate with a chain.")
-            impl = layer.impl
-            if not getattr(impl.forward, "longspec_tree_attention", False):
-                impl.forward = wrap_attention_forward(impl, impl.forward)
+            if not isinstance(layer.impl, TreeVerifyingImpl):
+                raise ValueError(
+                    f"LongSpec token trees: target layer {name} attends with "
+                    f"{type(layer.impl).__name__}, not LongSpec's tree attention backend "
+                    "(AttentionBackendEnum.CUSTOM, selected when tree_widths is set); omit "
+                    "tree_widths to speculate with a chain.")
         set_full_graph_masks(None)
         if vllm_api.uses_full_cudagraphs(self.vllm_config) and torch.cuda.is_available():
             self._full_graph_masks = self._allocate_full_graph_masks()

@@ -151,48 +151,62 @@ def captured_tree_attention(graphs: FullGraphTreeMasks, layer: Any, query: torch
     return output
 
 
-def wrap_attention_forward(impl: Any, original: Callable[..., torch.Tensor]
-                           ) -> Callable[..., torch.Tensor]:
-    """``impl.forward`` with the tree rows of the active plan attended by hybrid attention.
+def tree_aware_forward(impl: Any, base_forward: Callable[..., torch.Tensor], layer: Any,
+                       query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       kv_cache: torch.Tensor, attn_metadata: Any, output: torch.Tensor,
+                       *args: Any, **kwargs: Any) -> torch.Tensor:
+    """The backend's attention (``base_forward``) with the tree rows of the active plan
+    attended by hybrid attention.
 
     A uniform batch without a plan (a full CUDA graph being captured or warmed up) is attended
-    whole by `captured_tree_attention` (masks from `FullGraphTreeMasks`).
+    whole by `captured_tree_attention` (masks from `FullGraphTreeMasks`). Without a plan and
+    without full-graph masks -- every step of an engine that drafts no trees, every prefill --
+    this is exactly ``base_forward``.
 
     When every token of the step is a tree token the backend's own attention is skipped (the
     K/V were written by vLLM's separate cache-update op before this call); otherwise the
     backend attends every row and the tree rows are then overwritten."""
-
-    def forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
-        plan = active_plan()
-        graphs = full_graph_masks()
-        # Uniform batches without a plan: a full-graph capture, its warm-up, or a step of chains
-        # only; all take the masks from the persistent buffer (see FullGraphTreeMasks).
-        if plan is None and attn_metadata is not None and _uniform_batch(attn_metadata, graphs):
-            assert graphs is not None
-            return captured_tree_attention(graphs, layer, query, key, value, kv_cache,
-                                           attn_metadata, output, impl)
-        if plan is None or attn_metadata is None:
-            return original(layer, query, key, value, kv_cache, attn_metadata, output,
+    plan = active_plan()
+    graphs = full_graph_masks()
+    # Uniform batches without a plan: a full-graph capture, its warm-up, or a step of chains
+    # only; all take the masks from the persistent buffer (see FullGraphTreeMasks).
+    if plan is None and attn_metadata is not None and _uniform_batch(attn_metadata, graphs):
+        assert graphs is not None
+        return captured_tree_attention(graphs, layer, query, key, value, kv_cache,
+                                       attn_metadata, output, impl)
+    if plan is None or attn_metadata is None:
+        return base_forward(layer, query, key, value, kv_cache, attn_metadata, output,
                             *args, **kwargs)
-        if int(attn_metadata.num_actual_tokens) != plan.num_actual_tokens:
-            raise RuntimeError(
-                "LongSpec tree verification: the attention batch has "
-                f"{attn_metadata.num_actual_tokens} tokens but the step's plan "
-                f"{plan.num_actual_tokens}")
-        out_view = output.view(output.shape[0], impl.num_heads, impl.head_size)
-        if plan.covers_all_tokens and output.dtype == query.dtype:
-            tree_rows_attention(plan, layer, query, key, value, kv_cache,
-                                attn_metadata.block_table, impl.num_heads, impl.num_kv_heads,
-                                impl.head_size, impl.scale,
-                                out=out_view[:plan.num_actual_tokens])
-            return output
-        result = original(layer, query, key, value, kv_cache, attn_metadata, output,
+    if int(attn_metadata.num_actual_tokens) != plan.num_actual_tokens:
+        raise RuntimeError(
+            "LongSpec tree verification: the attention batch has "
+            f"{attn_metadata.num_actual_tokens} tokens but the step's plan "
+            f"{plan.num_actual_tokens}")
+    out_view = output.view(output.shape[0], impl.num_heads, impl.head_size)
+    if plan.covers_all_tokens and output.dtype == query.dtype:
+        tree_rows_attention(plan, layer, query, key, value, kv_cache,
+                            attn_metadata.block_table, impl.num_heads, impl.num_kv_heads,
+                            impl.head_size, impl.scale,
+                            out=out_view[:plan.num_actual_tokens])
+        return output
+    result = base_forward(layer, query, key, value, kv_cache, attn_metadata, output,
                           *args, **kwargs)
-        tree_out = tree_rows_attention(
-            plan, layer, query, key, value, kv_cache, attn_metadata.block_table, impl.num_heads,
-            impl.num_kv_heads, impl.head_size, impl.scale)
-        out_view[plan.token_index] = tree_out.to(output.dtype)
-        return result
+    tree_out = tree_rows_attention(
+        plan, layer, query, key, value, kv_cache, attn_metadata.block_table, impl.num_heads,
+        impl.num_kv_heads, impl.head_size, impl.scale)
+    out_view[plan.token_index] = tree_out.to(output.dtype)
+    return result
 
-    forward.longspec_tree_attention = True  # type: ignore[attr-defined]
-    return forward
+
+class TreeVerifyingImpl:
+    """Mixin placed before a backend's ``AttentionImpl``: its ``forward`` is
+    `tree_aware_forward` over the backend's own (see ``engine/tree_backend_*.py``)."""
+
+    def forward(self, layer: Any, query: torch.Tensor, key: torch.Tensor,
+                value: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: Any,
+                output: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if output is None:
+            raise ValueError("LongSpec tree attention writes into vLLM's output buffer")
+        base_forward = super().forward  # type: ignore[misc]
+        return tree_aware_forward(self, base_forward, layer, query, key, value, kv_cache,
+                                  attn_metadata, output, *args, **kwargs)
