@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--num-speculative-tokens", type=int, default=4)
     parser.add_argument("--window", type=int, default=None)
+    parser.add_argument("--draft-vocab-size", type=int, default=None,
+                        help="draft over the N tokens most frequent in the draft's training "
+                             "data (needs its token_counts.safetensors)")
     parser.add_argument("--compile", action="store_true",
                         help="let vLLM torch.compile the target (minutes of C++ builds on a "
                              "small CPU; both runs use the same mode)")
@@ -126,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     baseline = run_engine(target, prompt, args.max_tokens, max_model_len, None, None,
                           args.compile)
     options = {} if args.window is None else {"window": args.window}
+    if args.draft_vocab_size is not None:
+        options["draft_vocab_size"] = args.draft_vocab_size
     spec = run_engine(target, prompt, args.max_tokens, max_model_len,
                       {"method": "longspec", "model": draft,
                        "num_speculative_tokens": args.num_speculative_tokens},
