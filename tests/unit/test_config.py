@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
 import pytest
 
@@ -12,11 +10,7 @@ from vllm_longspec.config import LongSpecConfig, LongSpecConfigError
 from vllm_longspec.draft.checkpoint import DraftCheckpointError
 from vllm_longspec.engine.spec_config import (PROPOSER_CLASS, add_cli_flags, apply_cli_flags,
                                               resolve_longspec, wants_longspec)
-
-
-def _hf(folder):
-    with open(os.path.join(folder, "config.json")) as f:
-        return json.load(f)
+from vllm_longspec.testing.fixtures import read_hf_config
 
 
 def test_defaults_and_chain():
@@ -70,7 +64,7 @@ def test_resolve_rewrites_to_custom_class(tiny_models):
     spec, cfg = resolve_longspec(
         {"method": "longspec", "model": tiny_models["zero_draft_llama"],
          "num_speculative_tokens": 3},
-        {"longspec": {"min_prompt_len": 10}}, _hf(tiny_models["bigram_llama"]))
+        {"longspec": {"min_prompt_len": 10}}, read_hf_config(tiny_models["bigram_llama"]))
     assert spec == {"method": "custom_class", "model": PROPOSER_CLASS,
                     "num_speculative_tokens": 3}
     assert cfg.min_prompt_len == 10 and cfg.window == 512  # the draft's own window
@@ -85,11 +79,11 @@ def test_missing_draft_folder():
 
 def test_draft_for_another_target(tiny_models):
     with pytest.raises(DraftCheckpointError, match="made for another target: .*vocab_size"):
-        other = dict(_hf(tiny_models["bigram_llama"]), vocab_size=512)
+        other = dict(read_hf_config(tiny_models["bigram_llama"]), vocab_size=512)
         resolve_longspec({"method": "longspec", "model": tiny_models["zero_draft_llama"],
                           "num_speculative_tokens": 2}, None, other)
     with pytest.raises(DraftCheckpointError, match="num_key_value_heads"):
-        other = dict(_hf(tiny_models["bigram_llama"]), num_key_value_heads=4)
+        other = dict(read_hf_config(tiny_models["bigram_llama"]), num_key_value_heads=4)
         resolve_longspec({"method": "longspec", "model": tiny_models["zero_draft_llama"],
                           "num_speculative_tokens": 2}, None, other)
 

@@ -12,6 +12,7 @@ from vllm_longspec.compat import attention_backend as ab
 from vllm_longspec.config import LongSpecConfigError
 from vllm_longspec.engine import verify_attention
 from vllm_longspec.engine.verify_attention import TreeVerifyingImpl, tree_aware_forward
+from vllm_longspec.testing.fixtures import read_hf_config
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -94,7 +95,8 @@ def test_custom_held_by_another_plugin_refuses_trees(monkeypatch):
 def test_rewrite_selects_the_backend_for_trees_only(tiny_models):
     from vllm_longspec.engine.spec_config import rewrite_engine_args
 
-    target = SimpleNamespace(hf_config=SimpleNamespace(**_hf(tiny_models["bigram_llama"])))
+    hf_config = read_hf_config(tiny_models["bigram_llama"])
+    target = SimpleNamespace(hf_config=SimpleNamespace(**hf_config))
     draft = tiny_models["zero_draft_llama"]
     for options, expected in (({"tree_widths": [2, 2]}, "CUSTOM"), ({}, None)):
         args = _engine_args()
@@ -103,14 +105,6 @@ def test_rewrite_selects_the_backend_for_trees_only(tiny_models):
         args.additional_config = {"longspec": options}
         rewrite_engine_args(args, target)
         assert args.attention_backend == expected
-
-
-def _hf(folder):
-    import json
-    import os
-
-    with open(os.path.join(folder, "config.json")) as f:
-        return json.load(f)
 
 
 class _Base:

@@ -102,11 +102,16 @@ def _set_generation_eos(folder: str, eos_id: int) -> None:
         json.dump(data, f)
 
 
+def read_hf_config(folder: str) -> dict:
+    """A model folder's ``config.json`` as a dict."""
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
 def make_tiny_draft(folder: str, target_folder: str, *, seed: int = 1,
                     zero_outputs: bool = False, window: int = 512, init_std: float = 0.1) -> str:
     """Writes a LongSpec draft for `target_folder` in the published layout."""
-    with open(os.path.join(target_folder, "config.json"), encoding="utf-8") as f:
-        target_config = json.load(f)
+    target_config = read_hf_config(target_folder)
     arch = DraftArchitecture.from_hf_config(target_config)
     layer = init_draft_weights(LongSpecDraftLayer(arch), seed=seed, std=init_std,
                                zero_outputs=zero_outputs)
