@@ -18,7 +18,8 @@ nodes) it times, median over many runs (triton.testing.do_bench, L2 flushed betw
                   (what verifying a chain of that length costs; no tree mask)
   sdpa_masked     (b) torch SDPA with an explicit [prefix | tree] boolean mask on K/V gathered and
                   GQA-expanded beforehand (gathering is not timed; skipped when it would not fit)
-  hbm_floor       (c) bytes of one layer's K and V of the batch / 3.0 TB/s
+  hbm_floor       (c) bytes of one layer's K and V of the batch / HBM bandwidth (3.0 TB/s, the
+                  issue's H100 figure; 4.8 TB/s on an H200; --hbm-tb-s)
   compute_floor   the useful attention FLOPs (4 * B * Hq * nodes * context * D) / 989 TFLOP/s
                   (H100 SXM dense bf16 peak); at 69+ nodes the prefix is compute-bound, not
                   memory-bound; roofline_floor = max(hbm_floor, compute_floor)
@@ -27,10 +28,17 @@ nodes) it times, median over many runs (triton.testing.do_bench, L2 flushed betw
 prefix_attn_sweep_configs() (short do_bench budget), and reports the best of each per shape
 (fa_prefix_best, triton_prefix_best, with the winning setting).
 
+--timing graph times every method as replays of a CUDA graph it was recorded into: the GPU time
+alone, which is what verification pays inside vLLM's full CUDA graphs (the engine's default for
+trees). The default, --timing eager, times calls, so a method's host time (Python wrappers,
+Triton's launcher) counts wherever the GPU waits for it -- most of the time at short prefixes.
+
 Writes a table to stdout, bench_tree_attention.json and bench_tree_attention.png to --out.
 
     source /tmp/vllm-env.sh
     python benchmarks/bench_tree_attention.py --check --out bench_out
+    python -m vllm_longspec_benchmarks.bench_tree_attention --check --timing graph --rep-ms 40 \
+        --contexts 131072 32768 8192 --out benchmarks/results/h200-2026-12-03b   # that run
     python benchmarks/bench_tree_attention.py --check --prefix-sweep --rep-ms 100 \
         --out benchmarks/results/h100-2026-11-23b                  # the 2026-11-23b run
     python -m vllm_longspec_benchmarks.bench_tree_attention --check   # when installed
@@ -75,8 +83,14 @@ K = _import_kernels()
 
 HQ, HK, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
-HBM_BYTES_PER_S = 3.0e12
-PEAK_FLOPS = 989e12          # H100 SXM dense bf16 tensor-core peak
+HBM_BYTES_PER_S = 3.0e12      # the issue's H100 figure; main() sets the GPU's (hbm_bytes_per_s)
+PEAK_FLOPS = 989e12          # H100 / H200 SXM dense bf16 tensor-core peak (same chip)
+
+
+def hbm_bytes_per_s(device_name: str) -> float:
+    """Memory bandwidth of the floor: H200 4.8 TB/s (HBM3e), otherwise the 3.0 TB/s used for the
+    H100 in the issue's figures."""
+    return 4.8e12 if "H200" in device_name else 3.0e12
 MIB = 1 << 20
 
 
@@ -155,9 +169,32 @@ def make_tree_inputs(batch: int, num_nodes: int, device: str, seed: int) -> dict
 # ---------------------------------------------------------------------------------------------
 
 
-def time_ms(fn, rep_ms: int, device: str) -> float:
-    """Median milliseconds per call (CUDA: do_bench, L2 flushed between calls)."""
+def graph_replay(fn):
+    """``fn`` recorded into a CUDA graph (after warm-up on a side stream); returns its replay.
+
+    The engine runs verification attention inside vLLM's full CUDA graphs, so the GPU time of a
+    replay is what a verification step pays; eager calls add each method's host time (Python
+    wrappers, Triton's launcher) wherever the GPU waits for it, which at short prefixes is most
+    of an eager measurement."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return graph.replay
+
+
+def time_ms(fn, rep_ms: int, device: str, timing: str = "eager") -> float:
+    """Median milliseconds per call (CUDA: do_bench, L2 flushed between calls); ``timing="graph"``
+    times replays of ``fn`` recorded into a CUDA graph (``graph_replay``)."""
     fn()  # compile / warm up outside the measurement
+    if timing == "graph" and device.startswith("cuda"):
+        fn = graph_replay(fn)
     if not device.startswith("cuda"):  # CPU dry run (plumbing only; numbers are meaningless)
         times = []
         for _ in range(3):
@@ -613,6 +650,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trees", type=int, nargs="+", default=[1, 16, 69, 128])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rep-ms", type=int, default=200, help="do_bench time budget per method")
+    parser.add_argument("--timing", choices=["eager", "graph"], default="eager",
+                        help="graph: time CUDA-graph replays of every method (GPU time only, as "
+                             "inside vLLM's full CUDA graphs); eager: time the calls (adds host "
+                             "time where the GPU waits for it)")
+    parser.add_argument("--hbm-tb-s", type=float, default=None,
+                        help="bandwidth of the HBM floor in TB/s (default: 4.8 on an H200, else 3.0)")
     parser.add_argument("--check", action="store_true", help="verify correctness first")
     parser.add_argument("--check-only", action="store_true")
     parser.add_argument("--force", action="store_true", help="benchmark even if --check fails")
@@ -674,6 +717,8 @@ def main(argv: list[str] | None = None) -> int:
             def close(self):
                 pass
 
+    global HBM_BYTES_PER_S
+    HBM_BYTES_PER_S = args.hbm_tb_s * 1e12 if args.hbm_tb_s else hbm_bytes_per_s(device_name)
     os.makedirs(args.out, exist_ok=True)
     rows, skipped = [], []
     meta = dict(
@@ -686,7 +731,9 @@ def main(argv: list[str] | None = None) -> int:
         hbm_bytes_per_s=HBM_BYTES_PER_S, peak_flops=PEAK_FLOPS,
         num_sms=K.num_sms() if device.startswith("cuda") else None,
         fa_splits_rule="fa_num_splits_heuristic (0 = FA3's own)",
-        timing="triton.testing.do_bench median" if device.startswith("cuda") else "cpu dry run",
+        timing=(f"triton.testing.do_bench median, {args.timing}"
+                + (" (CUDA-graph replays)" if args.timing == "graph" else " calls")
+                if device.startswith("cuda") else "cpu dry run"),
         time=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
     try:
@@ -739,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
                         empty_cache()
                 for name, fn in methods.items():
                     try:
-                        row[f"{name}_ms"] = time_ms(fn, args.rep_ms, device)
+                        row[f"{name}_ms"] = time_ms(fn, args.rep_ms, device, args.timing)
                     except Exception as exc:  # noqa: BLE001 - report and keep going
                         row[f"{name}_ms"] = "OOM" if is_oom(exc) else "ERR"
                         skipped.append(f"batch {b} ctx {ctx} tree {n}: {name} "
