@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", default="32768,131072")
     parser.add_argument("--tree-widths", default="4,16,16,16,16")
     parser.add_argument("--chain", type=int, default=None, help="also measure a chain of K")
+    parser.add_argument("--draft-vocab-size", type=int, default=None,
+                        help="LongSpec drafts over this many most frequent tokens")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--eager", action="store_true")
@@ -135,16 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     target = args.target or shape_folder(args.shape, args.out)
     draft = args.draft or untrained_draft(args.out, target)
     widths = [int(w) for w in args.tree_widths.split(",")]
-    variants: list[tuple[str, dict | None, dict]] = [
-        ("plain", None, {}),
-        (f"tree {args.tree_widths}", {"method": "longspec", "model": draft,
-                                      "num_speculative_tokens": len(widths)},
-         {"longspec": {"tree_widths": widths}}),
-    ]
+    vocab = {"draft_vocab_size": args.draft_vocab_size} if args.draft_vocab_size else {}
+    suffix = f", draft vocab {args.draft_vocab_size}" if args.draft_vocab_size else ""
+    variants: list[tuple[str, dict | None, dict]] = [("plain", None, {})]
+    variants.append((f"tree {args.tree_widths}{suffix}",
+                     {"method": "longspec", "model": draft, "num_speculative_tokens": len(widths)},
+                     {"longspec": {"tree_widths": widths, **vocab}}))
     if args.chain:
-        variants.append((f"chain {args.chain}", {"method": "longspec", "model": draft,
-                                                 "num_speculative_tokens": args.chain},
-                         {"longspec": {}}))
+        variants.append((f"chain {args.chain}{suffix}", {"method": "longspec", "model": draft,
+                                                          "num_speculative_tokens": args.chain},
+                         {"longspec": dict(vocab)}))
     from tqdm import tqdm
 
     rows = []

@@ -20,7 +20,7 @@ import os
 from typing import Any
 
 from ..config import LongSpecConfig, LongSpecConfigError
-from ..draft.checkpoint import (DraftCheckpointError, check_draft_fits_target,
+from ..draft.checkpoint import (check_draft_fits_target,
                                 check_draft_weights, is_draft_folder, load_draft_header)
 from ..draft.model import DraftArchitecture
 

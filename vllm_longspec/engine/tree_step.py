@@ -22,7 +22,7 @@ import torch
 from ..compat import vllm_api
 from .tp_agreement import agree_on_acceptance, agree_on_tree_rows
 from .tree_acceptance import accept_trees, compaction_slots
-from .verification import (TreeRowCandidate, TreeVerificationPlan, active_plan,
+from .verification import (TreeRowCandidate, active_plan,
                            ancestor_masks, build_plan, set_active_plan)
 from .verify_attention import FullGraphTreeMasks, TreeVerifyingImpl, set_full_graph_masks
 
