@@ -85,13 +85,13 @@ HQ, HK, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
 HBM_BYTES_PER_S = 3.0e12      # the issue's H100 figure; main() sets the GPU's (hbm_bytes_per_s)
 PEAK_FLOPS = 989e12          # H100 / H200 SXM dense bf16 tensor-core peak (same chip)
+MIB = 1 << 20
 
 
 def hbm_bytes_per_s(device_name: str) -> float:
     """Memory bandwidth of the floor: H200 4.8 TB/s (HBM3e), otherwise the 3.0 TB/s used for the
     H100 in the issue's figures."""
     return 4.8e12 if "H200" in device_name else 3.0e12
-MIB = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------
