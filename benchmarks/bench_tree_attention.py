@@ -83,7 +83,6 @@ K = _import_kernels()
 
 HQ, HK, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
-HBM_BYTES_PER_S = 3.0e12      # the issue's H100 figure; main() sets the GPU's (hbm_bytes_per_s)
 PEAK_FLOPS = 989e12          # H100 / H200 SXM dense bf16 tensor-core peak (same chip)
 MIB = 1 << 20
 
@@ -236,9 +235,9 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def hbm_floor_ms(batch: int, context: int, num_nodes: int) -> float:
+def hbm_floor_ms(batch: int, context: int, num_nodes: int, bytes_per_s: float) -> float:
     kv_bytes = 2 * batch * (context + num_nodes) * HK * HEAD_DIM * DTYPE.itemsize
-    return kv_bytes / HBM_BYTES_PER_S * 1e3
+    return kv_bytes / bytes_per_s * 1e3
 
 
 def compute_floor_ms(batch: int, context: int, num_nodes: int) -> float:
@@ -717,8 +716,7 @@ def main(argv: list[str] | None = None) -> int:
             def close(self):
                 pass
 
-    global HBM_BYTES_PER_S
-    HBM_BYTES_PER_S = args.hbm_tb_s * 1e12 if args.hbm_tb_s else hbm_bytes_per_s(device_name)
+    hbm_bytes = args.hbm_tb_s * 1e12 if args.hbm_tb_s else hbm_bytes_per_s(device_name)
     os.makedirs(args.out, exist_ok=True)
     rows, skipped = [], []
     meta = dict(
@@ -728,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
         tree_tiles=asdict(K.default_tree_attn_config(HEAD_DIM, DTYPE)), autotune=args.autotune,
         shape=dict(num_q_heads=HQ, num_kv_heads=HK, head_dim=HEAD_DIM, dtype=str(DTYPE),
                    block_size=BLOCK_SIZE),
-        hbm_bytes_per_s=HBM_BYTES_PER_S, peak_flops=PEAK_FLOPS,
+        hbm_bytes_per_s=hbm_bytes, peak_flops=PEAK_FLOPS,
         num_sms=K.num_sms() if device.startswith("cuda") else None,
         fa_splits_rule="fa_num_splits_heuristic (0 = FA3's own)",
         timing=(f"triton.testing.do_bench median, {args.timing}"
@@ -763,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             for n in args.trees:
                 row = dict(batch=b, context=ctx, tree=n,
-                           hbm_floor_ms=hbm_floor_ms(b, ctx, n),
+                           hbm_floor_ms=hbm_floor_ms(b, ctx, n, hbm_bytes),
                            compute_floor_ms=compute_floor_ms(b, ctx, n))
                 tree = make_tree_inputs(b, n, device, seed=n)
                 methods = build_methods(cache, tree, n, args)
