@@ -57,6 +57,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "max_model_len - max_tokens - margin is cut to that and labelled so")
     p.add_argument("--batches", help="default 1,4,16")
     p.add_argument("--temperatures", help="default 0,1")
+    p.add_argument("--batch-contexts", help="run batches > 1 only at these prompt lengths "
+                   "(e.g. 32k; default: every context)")
+    p.add_argument("--batch-temperatures", help="run batches > 1 only at these temperatures "
+                   "(e.g. 0; default: every temperature)")
     p.add_argument("--max-tokens", type=int, help="timed tokens N (default 256)")
     p.add_argument("--repeats", type=int, default=2, help="best of R timings (suffix: 1)")
     p.add_argument("--quick", action="store_true", help="contexts 4k,16k,32k, batch 1, tasks "
@@ -130,6 +134,10 @@ def build_points(args: argparse.Namespace, target_config: dict[str, Any], max_mo
     if unknown:
         raise SystemExit(f"unknown task(s) {unknown}; known: {', '.join(TASKS)}")
     batches, temps = _ints(args.batches), [float(t) for t in args.temperatures.split(",")]
+    batch_contexts = ({parse_context(c) for c in args.batch_contexts.split(",") if c.strip()}
+                      if args.batch_contexts else None)
+    batch_temps = ({float(t) for t in args.batch_temperatures.split(",") if t.strip()}
+                   if args.batch_temperatures else None)
     limit = max_model_len - (args.max_tokens + 1) - args.len_margin
     contexts = []
     for text in args.contexts.split(","):
@@ -144,7 +152,13 @@ def build_points(args: argparse.Namespace, target_config: dict[str, Any], max_mo
     if args.prompt_source == "text" and "docs" in {TASKS[t][0] for t in tasks} and not (
             longtexts and os.path.exists(longtexts)):
         raise SystemExit("--prompt-source text: longtexts.tar.xz not found (--longtexts)")
-    needed = max(i for b in batches for t in temps for i in window_indices(b, t)) + 1
+    def wanted(asked: int, batch: int, temp: float) -> bool:
+        """Batches > 1 can be limited to some contexts/temperatures (device time)."""
+        return batch == 1 or ((batch_contexts is None or asked in batch_contexts)
+                              and (batch_temps is None or temp in batch_temps))
+
+    needed = max(i for b in batches for t in temps for i in window_indices(b, t)
+                 if any(wanted(a, b, t) for _, a in contexts)) + 1
     builder = PromptBuilder(tokenizer, int(target_config["vocab_size"]), longtexts,
                             args.code_dir, args.docs.split(",") if args.docs else None,
                             max_windows=needed, max_context=max(c for c, _ in contexts),
@@ -154,6 +168,8 @@ def build_points(args: argparse.Namespace, target_config: dict[str, Any], max_mo
         for ctx, asked in contexts:
             for batch in batches:
                 for temp in temps:
+                    if not wanted(asked, batch, temp):
+                        continue
                     ps = builder.point(task, ctx, batch, temp)
                     points.append({"task": task, "context": ctx, "context_requested": asked,
                                    "batch": batch, "temperature": temp, "prompts": ps.prompts,

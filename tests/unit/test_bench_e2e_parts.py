@@ -157,3 +157,20 @@ def test_quick_preset_and_context_clipping():
     assert [(p["context"], p["batch"]) for p in points] == [(256, 1), (256, 2), (887, 1),
                                                           (887, 2)]
     assert all(len(prompt) == p["context"] for p in points for prompt in p["prompts"])
+
+
+def test_batches_limited_to_some_contexts_and_temperatures():
+    from vllm_longspec_benchmarks.bench_e2e import build_points, parse_args
+
+    args = parse_args(["--target", "t", "--prompt-source", "synthetic", "--contexts", "128,256",
+                       "--batches", "1,4", "--temperatures", "0,1", "--tasks", "code",
+                       "--max-tokens", "8", "--batch-contexts", "256", "--batch-temperatures", "0"])
+    points, _ = build_points(args, {"vocab_size": 320}, max_model_len=1024)
+    assert [(p["context"], p["batch"], p["temperature"]) for p in points] == [
+        (128, 1, 0.0), (128, 1, 1.0), (256, 1, 0.0), (256, 1, 1.0), (256, 4, 0.0)]
+    full, _ = build_points(parse_args(["--target", "t", "--prompt-source", "synthetic",
+                                       "--contexts", "128,256", "--batches", "1,4",
+                                       "--temperatures", "0,1", "--tasks", "code",
+                                       "--max-tokens", "8"]),
+                           {"vocab_size": 320}, max_model_len=1024)
+    assert len(full) == 8
