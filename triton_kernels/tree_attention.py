@@ -35,10 +35,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .prefix_attention import num_sms
+
 __all__ = [
     "TreeAttnConfig",
     "build_tree_mask",
     "default_tree_attn_config",
+    "hopper_tree_attn_config",
     "is_triton_interpret",
     "tree_attention",
     "tree_attention_ref",
@@ -230,22 +233,47 @@ class TreeAttnConfig:
         return cls(*(int(x) for x in text.split(",")))
 
 
-def default_tree_attn_config(head_dim: int, dtype: torch.dtype) -> TreeAttnConfig:
-    """Hopper-oriented defaults; ``LONGSPEC_TREE_ATTN_CONFIG="M,N,warps,stages"`` overrides.
+def default_tree_attn_config(head_dim: int, dtype: torch.dtype, rows: int | None = None,
+                             row_tiles_per_m_block: int | None = None,
+                             sms: int | None = None) -> TreeAttnConfig:
+    """Hopper-tuned defaults; ``LONGSPEC_TREE_ATTN_CONFIG="M,N,warps,stages"`` overrides.
 
-    The tree part is small (<= a few hundred keys per request), so tiles favour occupancy (more
-    programs) over per-program reuse. Under the interpreter, bigger tiles mean fewer programs.
+    The tree part is tiny (<= a few hundred keys per request) and latency-bound: at batch 1 its
+    cost is the dependent memory round trips of one program, not FLOPs. Measured on an H200
+    (CUDA-graph replays, bf16, head dim 128, GQA 4, L2 flushed; benchmarks/results/
+    h200-2026-12-03c/tree_floor_log.txt), 16-row tiles were the fastest wherever the grid stays
+    within ~2 programs per SM (batch 1 at 69 nodes: 11.9 us against 18.9 us for 64x64 tiles),
+    and 64x32 tiles with one stage beyond that (batch 8 at 69 nodes: 23.8 us against 39.1 us).
+
+    Arguments:
+        head_dim, dtype: of the queries.
+        rows: packed query rows per (request, KV head), ``max_seqlen * (Hq // Hk)``; None keeps
+            the shape-independent choice (64x64).
+        row_tiles_per_m_block: programs per row tile, ``batch * Hk`` (the grid's other axes).
+        sms: streaming multiprocessors (default: the current CUDA device's).
     """
     env = os.environ.get("LONGSPEC_TREE_ATTN_CONFIG")
     if env:
         return TreeAttnConfig.parse(env)
     if is_triton_interpret():
         return TreeAttnConfig(block_m=64, block_n=64, num_warps=4, num_stages=1)
+    return hopper_tree_attn_config(head_dim, dtype, rows, row_tiles_per_m_block, sms)
+
+
+def hopper_tree_attn_config(head_dim: int, dtype: torch.dtype, rows: int | None,
+                            row_tiles_per_m_block: int | None,
+                            sms: int | None = None) -> TreeAttnConfig:
+    """The compiled-kernel choice of `default_tree_attn_config` (same arguments)."""
     wide = head_dim > 128 or dtype == torch.float32
     if wide:
         return TreeAttnConfig(block_m=64, block_n=32, num_warps=8 if head_dim > 128 else 4,
                               num_stages=2)
-    return TreeAttnConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
+    if rows is None or row_tiles_per_m_block is None:
+        return TreeAttnConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
+    sms = sms or num_sms()
+    if row_tiles_per_m_block * -(-rows // 16) <= 2 * sms:
+        return TreeAttnConfig(block_m=16, block_n=64, num_warps=4, num_stages=2)
+    return TreeAttnConfig(block_m=64, block_n=32, num_warps=4, num_stages=1)
 
 
 def tree_attn_autotune_configs() -> list[triton.Config]:
@@ -531,7 +559,7 @@ def tree_attention(
         grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), hk, batch)  # noqa: E731
         _tree_attn_fwd_autotuned[grid](*args, **consts)
     else:
-        cfg = config or default_tree_attn_config(head_dim, q.dtype)
+        cfg = config or default_tree_attn_config(head_dim, q.dtype, rows, hk * batch)
         grid = (triton.cdiv(rows, cfg.block_m), hk, batch)
         _tree_attn_fwd_kernel[grid](*args, **consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -8,6 +8,7 @@ import torch
 from vllm_longspec_kernels import (
     TreeAttnConfig,
     build_tree_mask,
+    hopper_tree_attn_config,
     merge_attn_states_ref,
     tree_attention,
     tree_attention_ref,
@@ -71,7 +72,8 @@ def test_reference_matches_dense_sdpa(kit):
     torch.testing.assert_close(ref_out, sdpa.transpose(0, 1))
 
 
-@pytest.mark.parametrize("cfg", [TreeAttnConfig(16, 16, 4, 1), TreeAttnConfig(64, 32, 4, 1)])
+@pytest.mark.parametrize("cfg", [TreeAttnConfig(16, 16, 4, 1), TreeAttnConfig(16, 64, 4, 2),
+                                 TreeAttnConfig(64, 32, 4, 1)])
 def test_tile_sizes_and_multi_block_loops(kit, cfg):
     # Trees larger than both tiles exercise several M tiles and several key blocks per tile.
     sizes = [kit.randint(40, 90), 1, kit.randint(17, 33)]
@@ -194,3 +196,16 @@ def test_torch_fallback_matches_kernel(kit):
     fallback(*batch.values(), 32 ** -0.5, fb_out, fb_lse, **kwargs)
     assert torch.isfinite(fb_out).all() and torch.isfinite(fb_lse).all()
     assert (fb_out - out).abs().max() <= 1e-5 and (fb_lse - lse).abs().max() <= 1e-5
+
+
+def test_hopper_tile_choice_follows_the_grid_size():
+    # The H200 measurement behind the rule: 16-row tiles while the grid fits in ~2 programs per
+    # SM, 64x32 tiles beyond; fp32 and head dims > 128 keep the wide tiles.
+    bf16 = torch.bfloat16
+    assert hopper_tree_attn_config(128, bf16, 69 * 4, 8, sms=132) == TreeAttnConfig(16, 64, 4, 2)
+    assert hopper_tree_attn_config(128, bf16, 16 * 4, 64, sms=132) == TreeAttnConfig(16, 64, 4, 2)
+    assert hopper_tree_attn_config(128, bf16, 69 * 4, 64, sms=132) == TreeAttnConfig(64, 32, 4, 1)
+    assert hopper_tree_attn_config(128, bf16, 69 * 4, 8, sms=16) == TreeAttnConfig(64, 32, 4, 1)
+    assert hopper_tree_attn_config(128, bf16, None, None) == TreeAttnConfig(64, 64, 4, 2)
+    assert hopper_tree_attn_config(256, bf16, 4, 8, sms=132).block_n == 32
+    assert hopper_tree_attn_config(128, torch.float32, 4, 8, sms=132).block_m == 64
