@@ -22,6 +22,8 @@ from typing import Any, Mapping, Sequence
 # vLLM's rejection sampler and scheduler cap the draft tokens per request at 128.
 MAX_DRAFT_TOKENS_PER_REQUEST = 128
 MAX_WINDOW = 1 << 16
+# Longest suffix prompt lookup tries (each length is one pass over the history).
+MAX_PROMPT_LOOKUP = 16
 
 
 class LongSpecConfigError(ValueError):
@@ -49,6 +51,12 @@ class LongSpecConfig:
             only (the lm_head rows of those tokens; see `draft.vocab`). Needs a draft trained
             by ``vllm-longspec train`` (it stores the token counts). None: the whole vocabulary.
             Never changes the output, only which drafts are proposed.
+        prompt_lookup_max: Chains only. When > 0, a request whose last n committed tokens
+            (n from this down to ``prompt_lookup_min``) occurred earlier in its prompt or output
+            drafts the tokens that followed them there instead of the draft model's, as far as
+            the copy reaches (`engine.prompt_lookup`; vLLM's ``ngram`` method drafts only this
+            way). Pays off where outputs repeat the context (code, quoting summaries). 0: off.
+        prompt_lookup_min: The shortest suffix that counts as a match (>= 1).
     """
 
     draft: str
@@ -57,10 +65,12 @@ class LongSpecConfig:
     window: int = 512
     min_prompt_len: int = 0
     draft_vocab_size: int | None = None
+    prompt_lookup_max: int = 0
+    prompt_lookup_min: int = 2
 
     # Keys a user may put into additional_config["longspec"].
     USER_KEYS = ("draft", "tree_widths", "window", "min_prompt_len", "num_speculative_tokens",
-                 "draft_vocab_size")
+                 "draft_vocab_size", "prompt_lookup_max", "prompt_lookup_min")
 
     def __post_init__(self) -> None:
         if not isinstance(self.draft, str) or not self.draft:
@@ -90,6 +100,13 @@ class LongSpecConfig:
         if self.draft_vocab_size is not None:
             _check_int("draft_vocab_size", self.draft_vocab_size,
                        max(self.level_widths), 1 << 24)
+        _check_int("prompt_lookup_max", self.prompt_lookup_max, 0, MAX_PROMPT_LOOKUP)
+        if self.prompt_lookup_max > 0:
+            _check_int("prompt_lookup_min", self.prompt_lookup_min, 1, self.prompt_lookup_max)
+            if self.is_tree:
+                raise LongSpecConfigError(
+                    f"prompt_lookup_max={self.prompt_lookup_max} works with chains only, but "
+                    f"tree_widths {list(self.tree_widths or ())} makes a tree: drop one of them")
 
     @property
     def is_tree(self) -> bool:

@@ -73,6 +73,10 @@ def runs(tiny_models):
         "spec_qwen_random": generate(m["qwen"], PROMPTS, max_tokens=MAX_TOKENS,
                                      speculative_config=_spec(m["random_draft_qwen"], k=5),
                                      additional_config=longspec, **ENGINE),
+        "spec_qwen_lookup": generate(m["qwen"], PROMPTS, max_tokens=MAX_TOKENS,
+                                     speculative_config=_spec(m["random_draft_qwen"], k=5),
+                                     additional_config={"longspec": {
+                                         "window": WINDOW, "prompt_lookup_max": 3}}, **ENGINE),
         "tree_bigram": generate(m["bigram_llama"], PROMPTS, max_tokens=MAX_TOKENS,
                                 speculative_config=_spec(m["zero_draft_llama"], k=len(TREE)),
                                 additional_config=tree, **ENGINE),
@@ -127,6 +131,29 @@ def test_zero_acceptance_equals_plain_decoding(runs):
     assert runs["spec_qwen_random"].acceptance_rate < 0.1
 
 
+def test_prompt_lookup_equals_plain_decoding_and_copies_repeats(runs):
+    # The random draft alone accepts almost nothing; the tiny target's greedy outputs repeat
+    # (loops), so copied continuations must be accepted -- and change nothing.
+    _assert_same(runs["base_qwen"], runs["spec_qwen_lookup"])
+    repeats = sum(_copyable(p + t) for p, t in zip(PROMPTS, runs["base_qwen"].token_ids))
+    assert repeats > 20, repeats  # the fixture really has something to copy
+    accepted = {name: runs[name].counters["num_accepted_tokens"]
+                for name in ("spec_qwen_lookup", "spec_qwen_random")}
+    # (measured: 68 accepted with lookup, 8 without, 86 copyable positions)
+    assert accepted["spec_qwen_lookup"] > accepted["spec_qwen_random"] + 0.4 * repeats, accepted
+
+
+def _copyable(tokens: list[int], n: int = 3) -> int:
+    """Output positions whose preceding n tokens occurred before, followed by the same token."""
+    seen: dict[tuple[int, ...], int] = {}
+    hits = 0
+    for i in range(n, len(tokens)):
+        key = tuple(tokens[i - n:i])
+        hits += seen.get(key) == tokens[i]
+        seen[key] = tokens[i]
+    return hits
+
+
 def test_acceptance_reported_per_position(runs):
     per_pos = runs["spec_qwen_zero"].counters["accepted_per_pos"]
     assert len(per_pos) == 3
@@ -135,7 +162,8 @@ def test_acceptance_reported_per_position(runs):
 
 def test_preemption_was_exercised(runs):
     # the LongSpec runs matched plain decoding above although the scheduler preempted requests
-    for name in ("spec_bigram", "spec_qwen_zero", "spec_qwen_random", "tree_bigram",
+    for name in ("spec_bigram", "spec_qwen_zero", "spec_qwen_random", "spec_qwen_lookup",
+                 "tree_bigram",
                  "tree_qwen_zero"):
         assert runs[name].counters["num_preemptions"] > 0, name
 

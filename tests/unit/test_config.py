@@ -122,6 +122,31 @@ def test_draft_vocab_size_is_validated():
                                   "draft_vocab_size": "many"})
 
 
+def test_prompt_lookup_is_validated_and_reaches_the_config_from_the_cli():
+    ok = LongSpecConfig.from_dict({"draft": "/d", "num_speculative_tokens": 4,
+                                   "prompt_lookup_max": 4, "prompt_lookup_min": 2})
+    assert (ok.prompt_lookup_max, ok.prompt_lookup_min) == (4, 2)
+    assert LongSpecConfig(draft="/d", num_speculative_tokens=4).prompt_lookup_max == 0  # off
+    with pytest.raises(LongSpecConfigError, match="prompt_lookup_min=5 is out of range"):
+        LongSpecConfig(draft="/d", num_speculative_tokens=4, prompt_lookup_max=4,
+                       prompt_lookup_min=5)
+    with pytest.raises(LongSpecConfigError, match="prompt_lookup_max=99 is out of range"):
+        LongSpecConfig(draft="/d", num_speculative_tokens=4, prompt_lookup_max=99)
+    with pytest.raises(LongSpecConfigError, match="chains only.*tree_widths"):
+        LongSpecConfig(draft="/d", num_speculative_tokens=2, tree_widths=(4, 16),
+                       prompt_lookup_max=3)
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    parser = argparse.ArgumentParser()
+    add_cli_flags(parser)
+    args = parser.parse_args(["--speculative-model", "longspec", "--longspec-draft", "/d",
+                              "--longspec-prompt-lookup-max", "4"])
+    ea = EngineArgs()
+    apply_cli_flags(ea, args)
+    assert ea.additional_config == {"longspec": {"prompt_lookup_max": 4}}
+
+
 def test_frequent_token_ids_and_counts(tmp_path):
     import torch
 

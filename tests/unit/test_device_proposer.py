@@ -20,6 +20,7 @@ from vllm_longspec.draft.rope import rope_from_cos_sin
 from vllm_longspec.engine.device_proposer import DeviceProposer, DeviceStep
 from vllm_longspec.engine.draft_graphs import DraftInputs
 from vllm_longspec.engine.drafter import LongSpecDrafter
+from vllm_longspec.engine.prompt_lookup import lookup_continuations_ref
 from vllm_longspec.engine.serving_layer import ServingDraftLayer
 from vllm_longspec.engine.vocab_head import DraftVocabHead, VocabShard
 
@@ -39,10 +40,10 @@ class _Rotary:
         return emb.cos(), emb.sin()
 
 
-def _drafter(widths: tuple[int, ...] | None = None) -> LongSpecDrafter:
+def _drafter(widths: tuple[int, ...] | None = None, lookup: int = 0) -> LongSpecDrafter:
     torch.manual_seed(0)
     config = LongSpecConfig(draft="/unused", num_speculative_tokens=DEPTH, window=WINDOW,
-                            tree_widths=widths)
+                            tree_widths=widths, prompt_lookup_max=lookup)
     drafter = LongSpecDrafter(vllm_config=None, config=config, ring_rows=SLOTS + 1)
     drafter.draft = ServingDraftLayer(init_draft_weights(LongSpecDraftLayer(ARCH), seed=3,
                                                          std=0.2), FusedOps(False))
@@ -170,3 +171,27 @@ def test_graph_batch_limit_respects_the_logits_budget():
                               max_slots=SLOTS).max_graph_batch == 2
     finally:
         module.GRAPH_LOGITS_BUDGET_BYTES = budget
+
+
+def test_prompt_lookup_replaces_drafts_with_copies_of_the_history():
+    drafter = _drafter(lookup=3)
+    torch.manual_seed(2)
+    history = torch.randint(0, ARCH.vocab_size, (SLOTS, MAX_LEN), dtype=torch.int32)
+    # Slot 1 (30 committed): its last 3 tokens occurred at 10..12, followed by 13, 14 (copied)
+    # and the rest; slot 3 (25 committed) has no match but a stale one beyond its length.
+    history[1, 10:13] = history[1, 27:30]
+    history[3, 22:25] = torch.tensor([1, 2, 3], dtype=torch.int32)
+    history[3, :22][(history[3, :22] >= 1) & (history[3, :22] <= 3)] = 0
+    history[3, 40:43] = torch.tensor([1, 2, 3], dtype=torch.int32)
+    slots, committed = [1, 3], [30, 25]
+    copies = lookup_continuations_ref(history[slots].tolist(), committed, DEPTH, 2, 3)
+    assert copies[0] == history[1, 13:13 + DEPTH].tolist() and copies[1] == [None] * DEPTH
+    for max_committed in (max(committed), MAX_LEN):  # eager bound and the graphs' full width
+        proposer = DeviceProposer(drafter, history, MAX_LEN, use_graphs=False, max_slots=SLOTS)
+        drafts = proposer.propose(DeviceStep(
+            slots=torch.tensor(slots), num_sampled=torch.tensor([1, 1], dtype=torch.int32),
+            committed=torch.tensor(committed), block_table=_block_table(slots),
+            max_committed=max_committed, refill=True))
+        assert drafts[0].tolist() == copies[0]
+        plain = _expected_drafts(drafter, history, slots, committed, [True, True])  # ring filled
+        assert torch.equal(drafts[1], plain[1]) and not torch.equal(drafts[0], plain[0])

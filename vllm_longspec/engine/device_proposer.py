@@ -27,6 +27,7 @@ import torch
 
 from .draft_graphs import DraftInputs
 from .drafter import LongSpecDrafter
+from .prompt_lookup import lookup_continuations
 
 logger = logging.getLogger("vllm_longspec")
 
@@ -150,7 +151,16 @@ class DeviceProposer:
             prefix_lens=torch.where(live, last, 0).to(torch.int32),
             block_table=step.block_table,
             prefix_lens_host=[max_prefix] * step.batch_size)
-        return self.drafter.draft_tree(inputs, max_prefix)
+        tokens, parents = self.drafter.draft_tree(inputs, max_prefix)
+        config = self.drafter.config
+        if config.prompt_lookup_max > 0:  # chains only (LongSpecConfig)
+            # max_prefix bounds every request's committed length (the graphs' is max_model_len).
+            history = self.token_history[step.slots, :max(1, max_prefix)]
+            copies, valid = lookup_continuations(
+                history, step.committed, tokens.shape[1], config.prompt_lookup_min,
+                config.prompt_lookup_max)
+            tokens = torch.where(valid, copies, tokens)
+        return tokens, parents
 
     # ------------------------------------------------------------------ graphs
     def _max_graph_batch(self, max_slots: int) -> int:

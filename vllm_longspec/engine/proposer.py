@@ -30,6 +30,7 @@ from ..health.guard import drafting_guard
 from .beam_tree import best_path, tree_node_offsets
 from .draft_graphs import DraftCudaGraphs, DraftInputs, draft_graphs_enabled
 from .drafter import LongSpecDrafter
+from .prompt_lookup import lookup_continuations
 from .tree_step import DraftedTree, TreeVerifier
 
 logger = logging.getLogger("vllm_longspec")
@@ -60,7 +61,7 @@ class LongSpecProposer:
         self.draft_graphs: DraftCudaGraphs | None = None
         self.stats = {"steps": 0, "drafted_requests": 0, "skipped_short_prompt": 0,
                       "chain_fallback_sampling": 0, "draft_seconds": 0.0,
-                      "skipped_max_model_len": 0}
+                      "skipped_max_model_len": 0, "prompt_lookup_requests": 0}
         # benchmarks/bench_step_cost.py: device-synchronised wall time of every drafting step
         self._time_drafting = os.environ.get("LONGSPEC_TIME_DRAFTING") == "1"
 
@@ -152,6 +153,8 @@ class LongSpecProposer:
         self._update_ring(req_ids, rows, lengths, [token_ids_cpu[i] for i in batch])
         roots = [int(token_ids_cpu[i, n - 1]) for i, n in zip(batch, lengths)]
         tokens, parents = self._draft_tree(batch, rows, lengths, roots, step.block_table)
+        if self.config.prompt_lookup_max > 0:
+            self._copy_prompt_lookups(tokens, [token_ids_cpu[i] for i in batch], lengths)
         if self.tree_verifier is None:
             for b, i in enumerate(batch):
                 room = self.max_model_len - lengths[b] - 1
@@ -159,6 +162,19 @@ class LongSpecProposer:
             return drafts
         self._hand_over_trees(batch, req_ids, lengths, roots, tokens, parents, step, drafts)
         return drafts
+
+    def _copy_prompt_lookups(self, tokens: list[list[int]], token_rows: list[np.ndarray],
+                             lengths: list[int]) -> None:
+        """Chains: copied continuations (`prompt_lookup`) replace the draft's tokens in place."""
+        width = max(lengths)
+        history = torch.from_numpy(np.stack([row[:width] for row in token_rows]).astype(np.int64))
+        copies, valid = lookup_continuations(
+            history, torch.tensor(lengths), self.config.num_speculative_tokens,
+            self.config.prompt_lookup_min, self.config.prompt_lookup_max)
+        for b, (row, ok) in enumerate(zip(copies.tolist(), valid.tolist())):
+            if ok[0]:
+                self.stats["prompt_lookup_requests"] += 1
+                tokens[b] = [c if v else t for c, v, t in zip(row, ok, tokens[b])]
 
     def _hand_over_trees(self, batch: list[int], req_ids: list[str], lengths: list[int],
                          roots: list[int], tokens: list[list[int]], parents: torch.Tensor,

@@ -135,6 +135,13 @@ CLI_FLAGS = {
         dest="longspec_draft_vocab_size", type=int, default=None,
         help="LongSpec: draft over the N tokens most frequent in the draft's training data "
              "(needs the draft's token_counts.safetensors)."),
+    "--longspec-prompt-lookup-max": dict(
+        dest="longspec_prompt_lookup_max", type=int, default=None,
+        help="LongSpec chains: draft the continuation of the longest earlier occurrence of the "
+             "last N..--longspec-prompt-lookup-min tokens where there is one (0: off)."),
+    "--longspec-prompt-lookup-min": dict(
+        dest="longspec_prompt_lookup_min", type=int, default=None,
+        help="LongSpec chains: the shortest suffix prompt lookup matches (default 2)."),
 }
 DEFAULT_CHAIN_TOKENS = 4
 
@@ -163,7 +170,9 @@ def apply_cli_flags(engine_args: Any, args: argparse.Namespace) -> None:
     options = _user_options(engine_args.additional_config)
     for dest, key in (("longspec_tree_widths", "tree_widths"), ("longspec_window", "window"),
                       ("longspec_min_prompt_len", "min_prompt_len"),
-                      ("longspec_draft_vocab_size", "draft_vocab_size")):
+                      ("longspec_draft_vocab_size", "draft_vocab_size"),
+                      ("longspec_prompt_lookup_max", "prompt_lookup_max"),
+                      ("longspec_prompt_lookup_min", "prompt_lookup_min")):
         value = getattr(args, dest, None)
         if value is not None:
             options[key] = value

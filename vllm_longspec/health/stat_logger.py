@@ -51,6 +51,9 @@ FALLBACK_REASONS = {"skipped_short_prompt": "short_prompt",
 WORKER_COUNTERS = {"steps": ("proposer_steps", "Engine steps that ran the LongSpec proposer."),
                    "drafted_requests": ("drafted_requests",
                                         "Request-steps that got a LongSpec draft."),
+                   "prompt_lookup_requests": ("prompt_lookup_requests",
+                                              "Request-steps whose chain was copied from "
+                                              "their own history (prompt_lookup_max)."),
                    "drafting_errors": ("drafting_errors",
                                        "Drafting steps that raised; their requests decoded "
                                        "that step without speculation.")}

@@ -1,0 +1,81 @@
+"""Prompt lookup beside the draft: continuations copied from a request's own history.
+
+Long-context requests repeat themselves: code completion re-uses identifiers and whole lines of
+the repository in the prompt, summaries quote the document. Where the last n committed tokens
+occurred before, the tokens that followed them there are a draft that costs no model forward
+(vLLM's ``ngram`` method drafts only this way). LongSpec keeps its draft for everything else:
+with ``prompt_lookup_max > 0`` a chain request whose history has a match drafts the copied
+continuation instead of the draft model's tokens, position by position, as far as the copy
+reaches. Verification is unchanged, so the output is too (drafts are point masses either way).
+
+`lookup_continuations` runs on device tensors with static shapes and no host syncs, so it sits
+inside the drafting CUDA graphs of Model Runner V2; the V1 proposer calls it on host tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def lookup_continuations(history: torch.Tensor, lengths: torch.Tensor, num_tokens: int,
+                         min_ngram: int, max_ngram: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The continuation of each request's longest recent suffix match in its own history.
+
+    For n from ``max_ngram`` down to ``min_ngram``: the last n committed tokens are searched for
+    in the history before them; the latest occurrence of the longest n that occurs wins, and
+    the tokens after it are the continuation (only committed tokens are copied).
+
+    Args:
+        history: [B, L] integer token ids; row b's first ``lengths[b]`` entries are committed,
+            the rest is ignored (stale ids of an earlier request are harmless).
+        lengths: [B] int64 committed tokens per request (<= L).
+        num_tokens: K, the continuation length wanted.
+        min_ngram, max_ngram: suffix lengths tried, 1 <= min_ngram <= max_ngram.
+    Returns:
+        tokens: [B, K] int64 the copied continuation (0 where not valid).
+        valid: [B, K] bool, True where ``tokens`` holds a copied committed token.
+    """
+    batch, width = history.shape
+    device = history.device
+    lengths = lengths.long()
+    best_end = torch.full((batch,), -1, dtype=torch.long, device=device)  # match end (exclusive)
+    for n in range(max_ngram, min_ngram - 1, -1):
+        if n >= width:
+            continue
+        starts = torch.arange(width - n + 1, device=device)                    # [S]
+        suffix_at = (lengths.unsqueeze(1) - n + torch.arange(n, device=device)).clamp(min=0)
+        suffix = history.gather(1, suffix_at)                                  # [B, n]
+        equal = torch.ones(batch, starts.shape[0], dtype=torch.bool, device=device)
+        for i in range(n):
+            equal &= history[:, i:i + starts.shape[0]] == suffix[:, i:i + 1]
+        # The match must end before the last committed token (something follows it) and the
+        # request must have n tokens at all.
+        usable = (starts.unsqueeze(0) + n <= lengths.unsqueeze(1) - 1) & (
+            lengths.unsqueeze(1) >= n)
+        latest = torch.where(equal & usable, starts.unsqueeze(0), -1).max(dim=1).values
+        take = (best_end < 0) & (latest >= 0)
+        best_end = torch.where(take, latest + n, best_end)
+    index = best_end.unsqueeze(1) + torch.arange(num_tokens, device=device)   # [B, K]
+    valid = (best_end.unsqueeze(1) >= 0) & (index < lengths.unsqueeze(1))
+    tokens = history.gather(1, index.clamp(min=0, max=width - 1)).long()
+    return torch.where(valid, tokens, 0), valid
+
+
+def lookup_continuations_ref(history: list[list[int]], lengths: list[int], num_tokens: int,
+                             min_ngram: int, max_ngram: int) -> list[list[int | None]]:
+    """Plain-Python reference of `lookup_continuations` (None = not valid)."""
+    out = []
+    for row, n_b in zip(history, lengths):
+        seq = row[:n_b]
+        found: list[int | None] = [None] * num_tokens
+        for n in range(max_ngram, min_ngram - 1, -1):
+            if n_b < n:
+                continue
+            suffix = seq[n_b - n:]
+            ends = [s + n for s in range(0, n_b - n) if s + n <= n_b - 1 and seq[s:s + n] == suffix]
+            if ends:
+                end = max(ends)
+                found = [seq[end + j] if end + j < n_b else None for j in range(num_tokens)]
+                break
+        out.append(found)
+    return out
