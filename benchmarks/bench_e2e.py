@@ -2,7 +2,7 @@
 at long context, side by side in one run.
 
 Methods (``--methods``): nospec, ngramK, suffix, draftK (vLLM's draft_model), longspec-chain[K],
-longspec-tree; each in its own engine, in its own child process. Prompts (token ids identical for
+longspec-lookup[K] (a chain with prompt lookup), longspec-tree; each in its own engine, in its own child process. Prompts (token ids identical for
 every method): long documents (``longtexts.tar.xz``: the Debian reference and novels) and
 repository-level code (Python stdlib packages) at each ``--contexts`` length; tasks continue,
 summary (documents) and code (a next-function cue). Per (method, task, context, batch,

@@ -2,7 +2,9 @@
 
 Names (``--methods``): ``nospec``; ``ngramK`` (prompt lookup, K drafts); ``suffix`` (suffix
 decoding, vLLM picks its K); ``draftK`` (vLLM's ``draft_model`` with a separate plain draft);
-``longspec-chain`` / ``longspec-chainK`` and ``longspec-tree`` (this plugin). A method whose
+``longspec-chain`` / ``longspec-chainK``, ``longspec-lookup`` / ``longspec-lookupK`` (a chain
+with prompt lookup over the same n-gram range as ``ngramK``; K tokens per step of which the draft
+model drafts ``--longspec-k``, the rest by lookup only) and ``longspec-tree`` (this plugin). A method whose
 dependency is missing is *skipped* with the reason, never fatal.
 """
 
@@ -76,9 +78,14 @@ def build_method(name: str, opts: MethodOptions) -> Method:
                 "num_speculative_tokens": int(m.group(1))}
         return Method(name, spec, None,
                       _folder_reason(opts.draft_model, "plain draft model", "--draft-model"))
-    if m := re.fullmatch(r"longspec-(chain|tree)(\d*)", name):
+    if m := re.fullmatch(r"longspec-(chain|tree|lookup)(\d*)", name):
         kind, k = m.group(1), m.group(2)
         options: dict[str, Any] = dict(opts.longspec_config)
+        if kind == "lookup":
+            # longspec-lookupK: K tokens per step, the draft model drafting --longspec-k of them.
+            options.update(prompt_lookup_max=opts.ngram_max, prompt_lookup_min=opts.ngram_min)
+            if k and int(k) > opts.longspec_k:
+                options["draft_model_tokens"] = opts.longspec_k
         if opts.draft_vocab_size:
             options["draft_vocab_size"] = opts.draft_vocab_size
         if kind == "tree":
@@ -93,7 +100,7 @@ def build_method(name: str, opts: MethodOptions) -> Method:
         return Method(name, spec, additional,
                       _folder_reason(opts.draft, "LongSpec draft", "--draft"))
     raise ValueError(f"unknown method {name!r} (known: nospec, ngramK, suffix, draftK, "
-                     "longspec-chain[K], longspec-tree)")
+                     "longspec-chain[K], longspec-lookup[K], longspec-tree)")
 
 
 def build_methods(names: str, opts: MethodOptions) -> list[Method]:

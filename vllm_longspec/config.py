@@ -57,6 +57,11 @@ class LongSpecConfig:
             the copy reaches (`engine.prompt_lookup`; vLLM's ``ngram`` method drafts only this
             way). Pays off where outputs repeat the context (code, quoting summaries). 0: off.
         prompt_lookup_min: The shortest suffix that counts as a match (>= 1).
+        draft_model_tokens: Chains with prompt lookup only: how many of the
+            ``num_speculative_tokens`` the draft model drafts per step (default: all). The rest
+            are drafted by prompt lookup alone, so a long copied continuation is verified in
+            one step while the draft model's cost stays that of a short chain (e.g. 8 tokens
+            per step, 4 of them from the draft model).
     """
 
     draft: str
@@ -67,10 +72,11 @@ class LongSpecConfig:
     draft_vocab_size: int | None = None
     prompt_lookup_max: int = 0
     prompt_lookup_min: int = 2
+    draft_model_tokens: int | None = None
 
     # Keys a user may put into additional_config["longspec"].
     USER_KEYS = ("draft", "tree_widths", "window", "min_prompt_len", "num_speculative_tokens",
-                 "draft_vocab_size", "prompt_lookup_max", "prompt_lookup_min")
+                 "draft_vocab_size", "prompt_lookup_max", "prompt_lookup_min", "draft_model_tokens")
 
     def __post_init__(self) -> None:
         if not isinstance(self.draft, str) or not self.draft:
@@ -107,6 +113,15 @@ class LongSpecConfig:
                 raise LongSpecConfigError(
                     f"prompt_lookup_max={self.prompt_lookup_max} works with chains only, but "
                     f"tree_widths {list(self.tree_widths or ())} makes a tree: drop one of them")
+        if self.draft_model_tokens is not None:
+            _check_int("draft_model_tokens", self.draft_model_tokens, 1,
+                       self.num_speculative_tokens)
+            if self.draft_model_tokens < self.num_speculative_tokens and (
+                    self.prompt_lookup_max == 0 or self.tree_widths is not None):
+                raise LongSpecConfigError(
+                    f"draft_model_tokens={self.draft_model_tokens} < num_speculative_tokens="
+                    f"{self.num_speculative_tokens} leaves tokens only prompt lookup can draft: "
+                    "it needs a chain (no tree_widths) with prompt_lookup_max > 0")
 
     @property
     def is_tree(self) -> bool:
@@ -123,6 +138,14 @@ class LongSpecConfig:
     def level_widths(self) -> tuple[int, ...]:
         """Nodes per level; a chain is a tree of width 1 at every level."""
         return self.tree_widths or (1,) * self.num_speculative_tokens
+
+    @property
+    def drafted_level_widths(self) -> tuple[int, ...]:
+        """Nodes per level the draft model drafts (`level_widths` but for a chain shortened
+        to ``draft_model_tokens``)."""
+        if self.tree_widths is None and self.draft_model_tokens is not None:
+            return (1,) * self.draft_model_tokens
+        return self.level_widths
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

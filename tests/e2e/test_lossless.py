@@ -76,7 +76,8 @@ def runs(tiny_models):
         "spec_qwen_lookup": generate(m["qwen"], PROMPTS, max_tokens=MAX_TOKENS,
                                      speculative_config=_spec(m["random_draft_qwen"], k=5),
                                      additional_config={"longspec": {
-                                         "window": WINDOW, "prompt_lookup_max": 3}}, **ENGINE),
+                                         "window": WINDOW, "prompt_lookup_max": 3,
+                                         "draft_model_tokens": 2}}, **ENGINE),
         "tree_bigram": generate(m["bigram_llama"], PROMPTS, max_tokens=MAX_TOKENS,
                                 speculative_config=_spec(m["zero_draft_llama"], k=len(TREE)),
                                 additional_config=tree, **ENGINE),
@@ -133,7 +134,8 @@ def test_zero_acceptance_equals_plain_decoding(runs):
 
 def test_prompt_lookup_equals_plain_decoding_and_copies_repeats(runs):
     # The random draft alone accepts almost nothing; the tiny target's greedy outputs repeat
-    # (loops), so copied continuations must be accepted -- and change nothing.
+    # (loops), so copied continuations must be accepted -- and change nothing. The lookup run
+    # drafts 2 of its 5 tokens with the draft model, the rest by lookup only (ragged drafts).
     _assert_same(runs["base_qwen"], runs["spec_qwen_lookup"])
     repeats = sum(_copyable(p + t) for p, t in zip(PROMPTS, runs["base_qwen"].token_ids))
     assert repeats > 20, repeats  # the fixture really has something to copy

@@ -102,6 +102,15 @@ def test_methods():
                                         "prompt_lookup_max": 4, "prompt_lookup_min": 2}
     assert build_method("longspec-chain6", opts).speculative_config[
         "num_speculative_tokens"] == 6
+    lookup = build_method("longspec-lookup5", opts)
+    assert lookup.speculative_config["num_speculative_tokens"] == 5
+    assert lookup.additional_config["longspec"] == {"prompt_lookup_max": 4,
+                                                    "prompt_lookup_min": 2,
+                                                    "draft_model_tokens": 4}
+    assert "draft_model_tokens" not in build_method("longspec-lookup", opts).additional_config[
+        "longspec"]
+    assert "prompt_lookup_max" not in build_method("longspec-chain", opts).additional_config[
+        "longspec"]
     with pytest.raises(ValueError):
         build_method("eagle", opts)
 

@@ -136,15 +136,27 @@ def test_prompt_lookup_is_validated_and_reaches_the_config_from_the_cli():
         LongSpecConfig(draft="/d", num_speculative_tokens=2, tree_widths=(4, 16),
                        prompt_lookup_max=3)
 
+    short = LongSpecConfig(draft="/d", num_speculative_tokens=8, prompt_lookup_max=4,
+                           draft_model_tokens=3)
+    assert short.drafted_level_widths == (1, 1, 1) and short.num_draft_tokens == 8
+    assert ok.drafted_level_widths == ok.level_widths == (1, 1, 1, 1)
+    with pytest.raises(LongSpecConfigError, match="needs a chain.*prompt_lookup_max > 0"):
+        LongSpecConfig(draft="/d", num_speculative_tokens=8, draft_model_tokens=3)
+    with pytest.raises(LongSpecConfigError, match="draft_model_tokens=9 is out of range"):
+        LongSpecConfig(draft="/d", num_speculative_tokens=8, prompt_lookup_max=4,
+                       draft_model_tokens=9)
+
     from vllm.engine.arg_utils import EngineArgs
 
     parser = argparse.ArgumentParser()
     add_cli_flags(parser)
     args = parser.parse_args(["--speculative-model", "longspec", "--longspec-draft", "/d",
-                              "--longspec-prompt-lookup-max", "4"])
+                              "--longspec-prompt-lookup-max", "4",
+                              "--longspec-draft-model-tokens", "2"])
     ea = EngineArgs()
     apply_cli_flags(ea, args)
-    assert ea.additional_config == {"longspec": {"prompt_lookup_max": 4}}
+    assert ea.additional_config == {"longspec": {"prompt_lookup_max": 4,
+                                                 "draft_model_tokens": 2}}
 
 
 def test_frequent_token_ids_and_counts(tmp_path):

@@ -40,10 +40,12 @@ class _Rotary:
         return emb.cos(), emb.sin()
 
 
-def _drafter(widths: tuple[int, ...] | None = None, lookup: int = 0) -> LongSpecDrafter:
+def _drafter(widths: tuple[int, ...] | None = None, lookup: int = 0,
+             depth: int = DEPTH, model_tokens: int | None = None) -> LongSpecDrafter:
     torch.manual_seed(0)
-    config = LongSpecConfig(draft="/unused", num_speculative_tokens=DEPTH, window=WINDOW,
-                            tree_widths=widths, prompt_lookup_max=lookup)
+    config = LongSpecConfig(draft="/unused", num_speculative_tokens=depth, window=WINDOW,
+                            tree_widths=widths, prompt_lookup_max=lookup,
+                            draft_model_tokens=model_tokens)
     drafter = LongSpecDrafter(vllm_config=None, config=config, ring_rows=SLOTS + 1)
     drafter.draft = ServingDraftLayer(init_draft_weights(LongSpecDraftLayer(ARCH), seed=3,
                                                          std=0.2), FusedOps(False))
@@ -195,3 +197,26 @@ def test_prompt_lookup_replaces_drafts_with_copies_of_the_history():
         assert drafts[0].tolist() == copies[0]
         plain = _expected_drafts(drafter, history, slots, committed, [True, True])  # ring filled
         assert torch.equal(drafts[1], plain[1]) and not torch.equal(drafts[0], plain[0])
+
+
+def test_lookup_only_positions_beyond_the_draft_models_tokens():
+    # 6 speculative tokens, 2 from the draft model: a request with a long copy gets 6 copied
+    # tokens; one without a copy gets the model's 2 and its last token repeated.
+    drafter = _drafter(lookup=3, depth=6, model_tokens=2)
+    assert drafter.widths == (1, 1)
+    torch.manual_seed(3)
+    history = torch.randint(4, ARCH.vocab_size, (SLOTS, MAX_LEN), dtype=torch.int32)
+    history[1, 5:8] = history[1, 37:40]
+    history[3, 22:25] = torch.tensor([1, 2, 3], dtype=torch.int32)
+    slots, committed = [1, 3], [40, 25]
+    proposer = DeviceProposer(drafter, history, MAX_LEN, use_graphs=False, max_slots=SLOTS)
+    assert proposer.decode_span == 7 and proposer.num_drafts == 6
+    drafts = proposer.propose(DeviceStep(
+        slots=torch.tensor(slots), num_sampled=torch.tensor([1, 1], dtype=torch.int32),
+        committed=torch.tensor(committed), block_table=_block_table(slots),
+        max_committed=max(committed), refill=True))
+    assert drafts.shape == (2, 6)
+    assert drafts[0].tolist() == history[1, 8:14].tolist()
+    plain = _expected_drafts(drafter, history, slots, committed, [True, True])
+    assert plain.shape == (2, 2)
+    assert drafts[1].tolist() == plain[1].tolist() + [int(plain[1, -1])] * 4

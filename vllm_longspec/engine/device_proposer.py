@@ -83,10 +83,11 @@ class DeviceProposer:
         self.token_history = token_history
         self.max_model_len = max_model_len
         self.window = drafter.config.window
-        self.decode_span = min(len(drafter.widths) + 1, self.window)
+        # The most a step can commit: every speculative token + the bonus token.
+        self.decode_span = min(drafter.config.num_speculative_tokens + 1, self.window)
         self.idle_row = drafter.ring_rows - 1
         assert self.idle_row >= max_slots, "the ring needs one spare row"
-        self.num_drafts = sum(drafter.widths)
+        self.num_drafts = drafter.config.num_draft_tokens
         self.use_graphs = use_graphs
         self.max_graph_batch = self._max_graph_batch(max_slots)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -154,10 +155,14 @@ class DeviceProposer:
         tokens, parents = self.drafter.draft_tree(inputs, max_prefix)
         config = self.drafter.config
         if config.prompt_lookup_max > 0:  # chains only (LongSpecConfig)
+            if tokens.shape[1] < self.num_drafts:  # draft_model_tokens: lookup-only positions
+                # Where no copy reaches, repeat the last drafted token (any token is lossless).
+                filler = tokens[:, -1:].expand(-1, self.num_drafts - tokens.shape[1])
+                tokens = torch.cat([tokens, filler], dim=1)
             # max_prefix bounds every request's committed length (the graphs' is max_model_len).
             history = self.token_history[step.slots, :max(1, max_prefix)]
             copies, valid = lookup_continuations(
-                history, step.committed, tokens.shape[1], config.prompt_lookup_min,
+                history, step.committed, self.num_drafts, config.prompt_lookup_min,
                 config.prompt_lookup_max)
             tokens = torch.where(valid, copies, tokens)
         return tokens, parents

@@ -56,7 +56,7 @@ class LongSpecDrafter:
     def __init__(self, vllm_config: Any, config: LongSpecConfig, ring_rows: int):
         self.vllm_config = vllm_config
         self.config = config
-        self.widths = config.level_widths
+        self.widths = config.drafted_level_widths
         self.ring_rows = ring_rows
         self.draft: ServingDraftLayer | None = None
         self._target_attn = None

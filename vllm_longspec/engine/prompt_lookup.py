@@ -42,7 +42,8 @@ def lookup_continuations(history: torch.Tensor, lengths: torch.Tensor, num_token
     for n in range(max_ngram, min_ngram - 1, -1):
         if n >= width:
             continue
-        starts = torch.arange(width - n + 1, device=device)                    # [S]
+        # int32 keeps the [B, S] temporaries small (S ~ max_model_len inside the V2 graphs).
+        starts = torch.arange(width - n + 1, dtype=torch.int32, device=device)  # [S]
         suffix_at = (lengths.unsqueeze(1) - n + torch.arange(n, device=device)).clamp(min=0)
         suffix = history.gather(1, suffix_at)                                  # [B, n]
         equal = torch.ones(batch, starts.shape[0], dtype=torch.bool, device=device)
@@ -52,7 +53,7 @@ def lookup_continuations(history: torch.Tensor, lengths: torch.Tensor, num_token
         # request must have n tokens at all.
         usable = (starts.unsqueeze(0) + n <= lengths.unsqueeze(1) - 1) & (
             lengths.unsqueeze(1) >= n)
-        latest = torch.where(equal & usable, starts.unsqueeze(0), -1).max(dim=1).values
+        latest = torch.where(equal & usable, starts.unsqueeze(0), -1).max(dim=1).values.long()
         take = (best_end < 0) & (latest >= 0)
         best_end = torch.where(take, latest + n, best_end)
     index = best_end.unsqueeze(1) + torch.arange(num_tokens, device=device)   # [B, K]

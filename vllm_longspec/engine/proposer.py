@@ -165,7 +165,9 @@ class LongSpecProposer:
 
     def _copy_prompt_lookups(self, tokens: list[list[int]], token_rows: list[np.ndarray],
                              lengths: list[int]) -> None:
-        """Chains: copied continuations (`prompt_lookup`) replace the draft's tokens in place."""
+        """Chains: copied continuations (`prompt_lookup`) replace the draft's tokens in place
+        and extend them to ``num_speculative_tokens`` where the draft model drafts fewer
+        (``draft_model_tokens``; the V1 runner takes drafts of any length up to that)."""
         width = max(lengths)
         history = torch.from_numpy(np.stack([row[:width] for row in token_rows]).astype(np.int64))
         copies, valid = lookup_continuations(
@@ -174,7 +176,9 @@ class LongSpecProposer:
         for b, (row, ok) in enumerate(zip(copies.tolist(), valid.tolist())):
             if ok[0]:
                 self.stats["prompt_lookup_requests"] += 1
-                tokens[b] = [c if v else t for c, v, t in zip(row, ok, tokens[b])]
+                drafted = tokens[b]
+                tokens[b] = [c if v else drafted[j] for j, (c, v) in enumerate(zip(row, ok))
+                             if v or j < len(drafted)]
 
     def _hand_over_trees(self, batch: list[int], req_ids: list[str], lengths: list[int],
                          roots: list[int], tokens: list[list[int]], parents: torch.Tensor,

@@ -142,6 +142,10 @@ CLI_FLAGS = {
     "--longspec-prompt-lookup-min": dict(
         dest="longspec_prompt_lookup_min", type=int, default=None,
         help="LongSpec chains: the shortest suffix prompt lookup matches (default 2)."),
+    "--longspec-draft-model-tokens": dict(
+        dest="longspec_draft_model_tokens", type=int, default=None,
+        help="LongSpec chains with prompt lookup: tokens per step the draft model drafts "
+             "(default: all); the rest of --num-speculative-tokens come from prompt lookup."),
 }
 DEFAULT_CHAIN_TOKENS = 4
 
@@ -172,7 +176,8 @@ def apply_cli_flags(engine_args: Any, args: argparse.Namespace) -> None:
                       ("longspec_min_prompt_len", "min_prompt_len"),
                       ("longspec_draft_vocab_size", "draft_vocab_size"),
                       ("longspec_prompt_lookup_max", "prompt_lookup_max"),
-                      ("longspec_prompt_lookup_min", "prompt_lookup_min")):
+                      ("longspec_prompt_lookup_min", "prompt_lookup_min"),
+                      ("longspec_draft_model_tokens", "draft_model_tokens")):
         value = getattr(args, dest, None)
         if value is not None:
             options[key] = value
