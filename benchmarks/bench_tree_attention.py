@@ -61,7 +61,7 @@ import platform
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -233,6 +233,15 @@ def empty_cache() -> None:
 
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def tree_tiles(batch: int, num_nodes: int):
+    """The tree kernel's default tiles for this shape (they depend on the grid size)."""
+    return K.default_tree_attn_config(HEAD_DIM, DTYPE, num_nodes * (HQ // HK), batch * HK)
+
+
+def _tiles_text(cfg) -> str:
+    return f"{cfg.block_m},{cfg.block_n},{cfg.num_warps},{cfg.num_stages}"
 
 
 def hbm_floor_ms(batch: int, context: int, num_nodes: int, bytes_per_s: float) -> float:
@@ -634,10 +643,8 @@ def run_sweep(args, device: str) -> None:
                 except Exception as exc:  # noqa: BLE001 - some tiles may not compile/fit
                     print(f"  {tc}: skipped ({type(exc).__name__}: {str(exc)[:80]})")
             results.sort(key=lambda x: x[0])
-            best = ", ".join(f"{t * 1e3:.1f}us {c.block_m},{c.block_n},{c.num_warps},"
-                             f"{c.num_stages}" for t, c in results[:3])
-            print(f"  batch {b} tree {n}: default "
-                  f"{K.default_tree_attn_config(HEAD_DIM, DTYPE)}; best: {best}")
+            best = ", ".join(f"{t * 1e3:.1f}us {_tiles_text(c)}" for t, c in results[:3])
+            print(f"  batch {b} tree {n}: default {_tiles_text(tree_tiles(b, n))}; best: {best}")
         del cache
         empty_cache()
 
@@ -687,8 +694,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         device_name, fa_desc = f"cpu ({platform.processor() or 'host'})", "no FA (torch prefix)"
     print(f"device: {device_name}  torch {torch.__version__}  {fa_desc}  "
-          f"tree tiles {K.default_tree_attn_config(HEAD_DIM, DTYPE)}"
-          f"{' (autotune)' if args.autotune else ''}")
+          f"tree tiles {'autotuned' if args.autotune else 'per shape (tree_config column)'}")
 
     if args.check or args.check_only:
         ok = run_check(device, args.fa_version)
@@ -723,7 +729,8 @@ def main(argv: list[str] | None = None) -> int:
         device=device_name, torch=torch.__version__,
         triton=__import__("triton").__version__, python=platform.python_version(),
         prefix_kernel=fa_desc,
-        tree_tiles=asdict(K.default_tree_attn_config(HEAD_DIM, DTYPE)), autotune=args.autotune,
+        tree_tiles="per shape: each row's tree_config (default_tree_attn_config)",
+        autotune=args.autotune,
         shape=dict(num_q_heads=HQ, num_kv_heads=HK, head_dim=HEAD_DIM, dtype=str(DTYPE),
                    block_size=BLOCK_SIZE),
         hbm_bytes_per_s=hbm_bytes, peak_flops=PEAK_FLOPS,
@@ -760,7 +767,7 @@ def main(argv: list[str] | None = None) -> int:
                 empty_cache()
                 continue
             for n in args.trees:
-                row = dict(batch=b, context=ctx, tree=n,
+                row = dict(batch=b, context=ctx, tree=n, tree_config=_tiles_text(tree_tiles(b, n)),
                            hbm_floor_ms=hbm_floor_ms(b, ctx, n, hbm_bytes),
                            compute_floor_ms=compute_floor_ms(b, ctx, n))
                 tree = make_tree_inputs(b, n, device, seed=n)

@@ -234,7 +234,7 @@ class TreeAttnConfig:
 
 
 def default_tree_attn_config(head_dim: int, dtype: torch.dtype, rows: int | None = None,
-                             row_tiles_per_m_block: int | None = None,
+                             programs_per_row_tile: int | None = None,
                              sms: int | None = None) -> TreeAttnConfig:
     """Hopper-tuned defaults; ``LONGSPEC_TREE_ATTN_CONFIG="M,N,warps,stages"`` overrides.
 
@@ -249,7 +249,7 @@ def default_tree_attn_config(head_dim: int, dtype: torch.dtype, rows: int | None
         head_dim, dtype: of the queries.
         rows: packed query rows per (request, KV head), ``max_seqlen * (Hq // Hk)``; None keeps
             the shape-independent choice (64x64).
-        row_tiles_per_m_block: programs per row tile, ``batch * Hk`` (the grid's other axes).
+        programs_per_row_tile: programs per row tile, ``batch * Hk`` (the grid's other axes).
         sms: streaming multiprocessors (default: the current CUDA device's).
     """
     env = os.environ.get("LONGSPEC_TREE_ATTN_CONFIG")
@@ -257,21 +257,21 @@ def default_tree_attn_config(head_dim: int, dtype: torch.dtype, rows: int | None
         return TreeAttnConfig.parse(env)
     if is_triton_interpret():
         return TreeAttnConfig(block_m=64, block_n=64, num_warps=4, num_stages=1)
-    return hopper_tree_attn_config(head_dim, dtype, rows, row_tiles_per_m_block, sms)
+    return hopper_tree_attn_config(head_dim, dtype, rows, programs_per_row_tile, sms)
 
 
 def hopper_tree_attn_config(head_dim: int, dtype: torch.dtype, rows: int | None,
-                            row_tiles_per_m_block: int | None,
+                            programs_per_row_tile: int | None,
                             sms: int | None = None) -> TreeAttnConfig:
     """The compiled-kernel choice of `default_tree_attn_config` (same arguments)."""
     wide = head_dim > 128 or dtype == torch.float32
     if wide:
         return TreeAttnConfig(block_m=64, block_n=32, num_warps=8 if head_dim > 128 else 4,
                               num_stages=2)
-    if rows is None or row_tiles_per_m_block is None:
+    if rows is None or programs_per_row_tile is None:
         return TreeAttnConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
     sms = sms or num_sms()
-    if row_tiles_per_m_block * -(-rows // 16) <= 2 * sms:
+    if programs_per_row_tile * -(-rows // 16) <= 2 * sms:
         return TreeAttnConfig(block_m=16, block_n=64, num_warps=4, num_stages=2)
     return TreeAttnConfig(block_m=64, block_n=32, num_warps=4, num_stages=1)
 

@@ -148,6 +148,11 @@ CLI_FLAGS = {
              "(default: all); the rest of --num-speculative-tokens come from prompt lookup."),
 }
 DEFAULT_CHAIN_TOKENS = 4
+# Flags that become the LongSpec option of the same name (--longspec-window -> "window"); the
+# draft and the token count go into the speculative config instead.
+OPTION_FLAG_KEYS = {kw["dest"]: kw["dest"].removeprefix("longspec_") for kw in CLI_FLAGS.values()
+                    if kw["dest"].removeprefix("longspec_") in LongSpecConfig.USER_KEYS
+                    and kw["dest"] not in ("longspec_draft", "longspec_num_speculative_tokens")}
 
 
 def add_cli_flags(parser: argparse.ArgumentParser) -> None:
@@ -172,12 +177,7 @@ def apply_cli_flags(engine_args: Any, args: argparse.Namespace) -> None:
     if engine_args.speculative_config:
         raise LongSpecConfigError("--speculative-model and --speculative-config are exclusive")
     options = _user_options(engine_args.additional_config)
-    for dest, key in (("longspec_tree_widths", "tree_widths"), ("longspec_window", "window"),
-                      ("longspec_min_prompt_len", "min_prompt_len"),
-                      ("longspec_draft_vocab_size", "draft_vocab_size"),
-                      ("longspec_prompt_lookup_max", "prompt_lookup_max"),
-                      ("longspec_prompt_lookup_min", "prompt_lookup_min"),
-                      ("longspec_draft_model_tokens", "draft_model_tokens")):
+    for dest, key in OPTION_FLAG_KEYS.items():
         value = getattr(args, dest, None)
         if value is not None:
             options[key] = value
