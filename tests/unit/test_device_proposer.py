@@ -199,6 +199,24 @@ def test_prompt_lookup_replaces_drafts_with_copies_of_the_history():
         assert torch.equal(drafts[1], plain[1]) and not torch.equal(drafts[0], plain[0])
 
 
+def test_prompt_lookup_ignores_a_chunked_prefill_longer_than_the_eager_bound():
+    # vLLM V2 counts a request in the middle of a chunked prefill with its whole prompt
+    # (total_len) while the step's host bound covers only what is computed so far: the lookup
+    # must neither index past that bound (the H200 crash of 2026-12-03d) nor copy for it.
+    drafter = _drafter(lookup=3)
+    torch.manual_seed(4)
+    history = torch.randint(0, ARCH.vocab_size, (SLOTS, MAX_LEN), dtype=torch.int32)
+    history[1, 10:13] = history[1, 27:30]
+    slots, committed = [1, 2], [30, MAX_LEN - 1]
+    proposer = DeviceProposer(drafter, history, MAX_LEN, use_graphs=False, max_slots=SLOTS)
+    drafts = proposer.propose(DeviceStep(
+        slots=torch.tensor(slots), num_sampled=torch.tensor([1, 0], dtype=torch.int32),
+        committed=torch.tensor(committed), block_table=_block_table(slots),
+        max_committed=31, refill=True))
+    assert drafts[0].tolist() == history[1, 13:13 + DEPTH].tolist()
+    assert drafts.shape == (2, DEPTH)
+
+
 def test_lookup_only_positions_beyond_the_draft_models_tokens():
     # 6 speculative tokens, 2 from the draft model: a request with a long copy gets 6 copied
     # tokens; one without a copy gets the model's 2 and its last token repeated.

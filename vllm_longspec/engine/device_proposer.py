@@ -159,11 +159,13 @@ class DeviceProposer:
                 # Where no copy reaches, repeat the last drafted token (any token is lossless).
                 filler = tokens[:, -1:].expand(-1, self.num_drafts - tokens.shape[1])
                 tokens = torch.cat([tokens, filler], dim=1)
-            # max_prefix bounds every request's committed length (the graphs' is max_model_len).
+            # max_prefix bounds the committed length of every request that sampled (the graphs'
+            # is max_model_len); a request in the middle of a chunked prefill counts its whole
+            # prompt as committed (vLLM's total_len) but drafts nothing: searched as empty.
             history = self.token_history[step.slots, :max(1, max_prefix)]
             copies, valid = lookup_continuations(
-                history, step.committed, self.num_drafts, config.prompt_lookup_min,
-                config.prompt_lookup_max)
+                history, torch.where(live, step.committed, 0), self.num_drafts,
+                config.prompt_lookup_min, config.prompt_lookup_max)
             tokens = torch.where(valid, copies, tokens)
         return tokens, parents
 

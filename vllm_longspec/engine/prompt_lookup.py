@@ -28,7 +28,8 @@ def lookup_continuations(history: torch.Tensor, lengths: torch.Tensor, num_token
     Args:
         history: [B, L] integer token ids; row b's first ``lengths[b]`` entries are committed,
             the rest is ignored (stale ids of an earlier request are harmless).
-        lengths: [B] int64 committed tokens per request (<= L).
+        lengths: [B] int64 committed tokens per request (clamped to L: a longer one is
+            searched in its first L tokens).
         num_tokens: K, the continuation length wanted.
         min_ngram, max_ngram: suffix lengths tried, 1 <= min_ngram <= max_ngram.
     Returns:
@@ -37,25 +38,29 @@ def lookup_continuations(history: torch.Tensor, lengths: torch.Tensor, num_token
     """
     batch, width = history.shape
     device = history.device
-    lengths = lengths.long()
-    best_end = torch.full((batch,), -1, dtype=torch.long, device=device)  # match end (exclusive)
-    for n in range(max_ngram, min_ngram - 1, -1):
-        if n >= width:
-            continue
-        # int32 keeps the [B, S] temporaries small (S ~ max_model_len inside the V2 graphs).
-        starts = torch.arange(width - n + 1, dtype=torch.int32, device=device)  # [S]
-        suffix_at = (lengths.unsqueeze(1) - n + torch.arange(n, device=device)).clamp(min=0)
-        suffix = history.gather(1, suffix_at)                                  # [B, n]
-        equal = torch.ones(batch, starts.shape[0], dtype=torch.bool, device=device)
-        for i in range(n):
-            equal &= history[:, i:i + starts.shape[0]] == suffix[:, i:i + 1]
-        # The match must end before the last committed token (something follows it) and the
-        # request must have n tokens at all.
-        usable = (starts.unsqueeze(0) + n <= lengths.unsqueeze(1) - 1) & (
-            lengths.unsqueeze(1) >= n)
-        latest = torch.where(equal & usable, starts.unsqueeze(0), -1).max(dim=1).values.long()
-        take = (best_end < 0) & (latest >= 0)
-        best_end = torch.where(take, latest + n, best_end)
+    lengths = lengths.long().clamp(max=width)
+    # One pass over candidate match ends e (exclusive; the continuation starts at e): the match
+    # length at e is how many of history[e-1], history[e-2], ... equal the last committed
+    # tokens, counted with a running AND over k < max_ngram. That is ~2 x max_ngram elementwise
+    # kernels over [B, L] where a pass per n would take ~n each, and inside the drafting CUDA
+    # graphs every kernel costs a launch slot.
+    ends = torch.arange(1, width + 1, dtype=torch.int32, device=device)          # [L] = e
+    suffix_at = lengths.unsqueeze(1) - 1 - torch.arange(max_ngram, device=device)  # [B, n]
+    suffix = torch.where(suffix_at >= 0, history.gather(1, suffix_at.clamp(min=0)), -1)
+    running = torch.ones(batch, width, dtype=torch.bool, device=device)
+    match_len = torch.zeros(batch, width, dtype=torch.int32, device=device)
+    for k in range(min(max_ngram, width - 1)):
+        # history[e-1-k] for every e (k leading positions have nothing there: no match).
+        shifted = history[:, :width - k] if k == 0 else torch.nn.functional.pad(
+            history[:, :width - k], (k, 0), value=-1)
+        running &= (shifted == suffix[:, k:k + 1]) & (suffix[:, k:k + 1] >= 0)
+        match_len += running
+    # The match must end before the last committed token (something follows it); its suffix
+    # must be at least min_ngram long. Longest (capped at max_ngram) first, then latest.
+    usable = (ends.unsqueeze(0) <= lengths.unsqueeze(1) - 1) & (match_len >= min_ngram)
+    score = torch.where(usable, match_len * (width + 1) + ends.unsqueeze(0), -1)
+    best = score.max(dim=1).values.long()                                        # [B]
+    best_end = torch.where(best >= 0, best % (width + 1), -1)
     index = best_end.unsqueeze(1) + torch.arange(num_tokens, device=device)   # [B, K]
     valid = (best_end.unsqueeze(1) >= 0) & (index < lengths.unsqueeze(1))
     tokens = history.gather(1, index.clamp(min=0, max=width - 1)).long()
