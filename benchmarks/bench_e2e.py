@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="JSON merged into the LongSpec engines' additional_config")
     p.add_argument("--ngram-min", type=int, default=2)
     p.add_argument("--ngram-max", type=int, default=4)
+    p.add_argument("--longspec-lookup-max", type=int, default=None,
+                   help="longspec-lookup*: longest suffix matched (default --ngram-max)")
     p.add_argument("--suffix-config", default="{}", help="JSON merged into suffix's "
                    'speculative_config, e.g. {"suffix_decoding_max_cached_requests": 0}')
     p.add_argument("--longtexts", help="longtexts.tar.xz (default: $LONGSPEC_LONGTEXTS, "
@@ -194,7 +196,8 @@ def method_options(args: argparse.Namespace) -> MethodOptions:
         draft_vocab_size=args.longspec_draft_vocab_size,
         longspec_config=json.loads(args.longspec_config),
         additional_config=json.loads(args.additional_config), ngram_min=args.ngram_min,
-        ngram_max=args.ngram_max, suffix_config=json.loads(args.suffix_config))
+        ngram_max=args.ngram_max, lookup_max=args.longspec_lookup_max,
+        suffix_config=json.loads(args.suffix_config))
 
 
 def child_env(method: Method, runner: str) -> dict[str, str]:

@@ -2,9 +2,10 @@
 
 Names (``--methods``): ``nospec``; ``ngramK`` (prompt lookup, K drafts); ``suffix`` (suffix
 decoding, vLLM picks its K); ``draftK`` (vLLM's ``draft_model`` with a separate plain draft);
-``longspec-chain`` / ``longspec-chainK``, ``longspec-lookup`` / ``longspec-lookupK`` (a chain
-with prompt lookup over the same n-gram range as ``ngramK``; K tokens per step of which the draft
-model drafts ``--longspec-k``, the rest by lookup only) and ``longspec-tree`` (this plugin). A method whose
+``longspec-chain`` / ``longspec-chainK``, ``longspec-lookup`` / ``longspec-lookupK[dD]`` (a
+chain with prompt lookup over the n-gram range of ``ngramK``, or up to ``--longspec-lookup-max``;
+K tokens per step of which the draft model drafts D, default ``--longspec-k``, the rest by lookup
+only) and ``longspec-tree`` (this plugin). A method whose
 dependency is missing is *skipped* with the reason, never fatal.
 """
 
@@ -32,6 +33,7 @@ class MethodOptions:
     additional_config: dict[str, Any] = field(default_factory=dict)  # extra top-level keys
     ngram_min: int = 2
     ngram_max: int = 4
+    lookup_max: int | None = None  # longspec-lookup's longest suffix (None: ngram_max)
     suffix_config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -78,14 +80,19 @@ def build_method(name: str, opts: MethodOptions) -> Method:
                 "num_speculative_tokens": int(m.group(1))}
         return Method(name, spec, None,
                       _folder_reason(opts.draft_model, "plain draft model", "--draft-model"))
-    if m := re.fullmatch(r"longspec-(chain|tree|lookup)(\d*)", name):
-        kind, k = m.group(1), m.group(2)
+    if m := re.fullmatch(r"longspec-(chain|tree|lookup)(\d*)(?:d(\d+))?", name):
+        kind, k, d = m.group(1), m.group(2), m.group(3)
+        if d is not None and (kind != "lookup" or not k):
+            raise ValueError(f"{name}: 'dD' (draft-model tokens) needs longspec-lookupK")
         options: dict[str, Any] = dict(opts.longspec_config)
         if kind == "lookup":
-            # longspec-lookupK: K tokens per step, the draft model drafting --longspec-k of them.
-            options.update(prompt_lookup_max=opts.ngram_max, prompt_lookup_min=opts.ngram_min)
-            if k and int(k) > opts.longspec_k:
-                options["draft_model_tokens"] = opts.longspec_k
+            # longspec-lookupK[dD]: K tokens per step, the draft model drafting D of them
+            # (default --longspec-k), the rest by lookup only.
+            options.update(prompt_lookup_max=opts.lookup_max or opts.ngram_max,
+                           prompt_lookup_min=opts.ngram_min)
+            drafted = int(d) if d is not None else opts.longspec_k
+            if k and int(k) > drafted:
+                options["draft_model_tokens"] = drafted
         if opts.draft_vocab_size:
             options["draft_vocab_size"] = opts.draft_vocab_size
         if kind == "tree":
@@ -100,7 +107,7 @@ def build_method(name: str, opts: MethodOptions) -> Method:
         return Method(name, spec, additional,
                       _folder_reason(opts.draft, "LongSpec draft", "--draft"))
     raise ValueError(f"unknown method {name!r} (known: nospec, ngramK, suffix, draftK, "
-                     "longspec-chain[K], longspec-lookup[K], longspec-tree)")
+                     "longspec-chain[K], longspec-lookup[K[dD]], longspec-tree)")
 
 
 def build_methods(names: str, opts: MethodOptions) -> list[Method]:

@@ -3,6 +3,8 @@ measures), method settings, merging and the exactness report."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from vllm_longspec_benchmarks.e2e_methods import MethodOptions, build_method, build_methods
@@ -109,6 +111,14 @@ def test_methods():
                                                     "draft_model_tokens": 4}
     assert "draft_model_tokens" not in build_method("longspec-lookup", opts).additional_config[
         "longspec"]
+    longer = build_method("longspec-lookup16d2", dataclasses.replace(opts, lookup_max=8))
+    assert longer.speculative_config["num_speculative_tokens"] == 16
+    assert longer.additional_config["longspec"] == {"prompt_lookup_max": 8,
+                                                    "prompt_lookup_min": 2,
+                                                    "draft_model_tokens": 2}
+    for bad in ("longspec-chain4d2", "longspec-lookupd2"):
+        with pytest.raises(ValueError, match="dD"):
+            build_method(bad, opts)
     assert "prompt_lookup_max" not in build_method("longspec-chain", opts).additional_config[
         "longspec"]
     with pytest.raises(ValueError):
