@@ -22,7 +22,8 @@ from typing import Any, Mapping, Sequence
 # vLLM's rejection sampler and scheduler cap the draft tokens per request at 128.
 MAX_DRAFT_TOKENS_PER_REQUEST = 128
 MAX_WINDOW = 1 << 16
-# Longest suffix prompt lookup tries (each length is one pass over the history).
+# Longest suffix prompt lookup tries (each suffix position is a few elementwise passes over the
+# history, inside the drafting step).
 MAX_PROMPT_LOOKUP = 16
 
 

@@ -41,19 +41,21 @@ def lookup_continuations(history: torch.Tensor, lengths: torch.Tensor, num_token
     lengths = lengths.long().clamp(max=width)
     # One pass over candidate match ends e (exclusive; the continuation starts at e): the match
     # length at e is how many of history[e-1], history[e-2], ... equal the last committed
-    # tokens, counted with a running AND over k < max_ngram. That is ~2 x max_ngram elementwise
-    # kernels over [B, L] where a pass per n would take ~n each, and inside the drafting CUDA
-    # graphs every kernel costs a launch slot.
+    # tokens, counted with a running AND over k < max_ngram. That is 4 elementwise kernels
+    # over [B, L] per suffix position where a pass per n took ~2n (~max_ngram^2 in all), and
+    # inside the drafting CUDA graphs every kernel costs a launch slot.
     ends = torch.arange(1, width + 1, dtype=torch.int32, device=device)          # [L] = e
     suffix_at = lengths.unsqueeze(1) - 1 - torch.arange(max_ngram, device=device)  # [B, n]
-    suffix = torch.where(suffix_at >= 0, history.gather(1, suffix_at.clamp(min=0)), -1)
+    # Token ids are >= 0: a suffix position before the start (-2) never equals a history
+    # position before the start (-1) or any token.
+    suffix = torch.where(suffix_at >= 0, history.gather(1, suffix_at.clamp(min=0)), -2)
     running = torch.ones(batch, width, dtype=torch.bool, device=device)
     match_len = torch.zeros(batch, width, dtype=torch.int32, device=device)
     for k in range(min(max_ngram, width - 1)):
         # history[e-1-k] for every e (k leading positions have nothing there: no match).
-        shifted = history[:, :width - k] if k == 0 else torch.nn.functional.pad(
+        shifted = history if k == 0 else torch.nn.functional.pad(
             history[:, :width - k], (k, 0), value=-1)
-        running &= (shifted == suffix[:, k:k + 1]) & (suffix[:, k:k + 1] >= 0)
+        running &= shifted == suffix[:, k:k + 1]
         match_len += running
     # The match must end before the last committed token (something follows it); its suffix
     # must be at least min_ngram long. Longest (capped at max_ngram) first, then latest.

@@ -53,7 +53,9 @@ WORKER_COUNTERS = {"steps": ("proposer_steps", "Engine steps that ran the LongSp
                                         "Request-steps that got a LongSpec draft."),
                    "prompt_lookup_requests": ("prompt_lookup_requests",
                                               "Request-steps whose chain was copied from "
-                                              "their own history (prompt_lookup_max)."),
+                                              "their own history (prompt_lookup_max; V1 "
+                                              "runner only: the V2 device path keeps no "
+                                              "count, it would need a host sync)."),
                    "drafting_errors": ("drafting_errors",
                                        "Drafting steps that raised; their requests decoded "
                                        "that step without speculation.")}
