@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chain", type=int, default=None, help="also measure a chain of K")
     parser.add_argument("--draft-vocab-size", type=int, default=None,
                         help="LongSpec drafts over this many most frequent tokens")
+    parser.add_argument("--draft-weight-dtype", default="auto", choices=("auto", "fp8"),
+                        help="LongSpec's draft_weight_dtype")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--eager", action="store_true")
@@ -139,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     widths = [int(w) for w in args.tree_widths.split(",")]
     vocab = {"draft_vocab_size": args.draft_vocab_size} if args.draft_vocab_size else {}
     suffix = f", draft vocab {args.draft_vocab_size}" if args.draft_vocab_size else ""
+    if args.draft_weight_dtype != "auto":
+        vocab["draft_weight_dtype"] = args.draft_weight_dtype
+        suffix += f", {args.draft_weight_dtype} draft"
     variants: list[tuple[str, dict | None, dict]] = [("plain", None, {})]
     variants.append((f"tree {args.tree_widths}{suffix}",
                      {"method": "longspec", "model": draft, "num_speculative_tokens": len(widths)},

@@ -9,6 +9,7 @@ BENCHMARKS = {
     "memory": "bench_draft_memory",
     "tree-attention": "bench_tree_attention",
     "step-cost": "bench_step_cost",
+    "drafting": "bench_drafting",
     "reliability": "reliability",
     "e2e": "bench_e2e",
 }

@@ -25,6 +25,7 @@ MAX_WINDOW = 1 << 16
 # Longest suffix prompt lookup tries (each suffix position is a few elementwise passes over the
 # history, inside the drafting step).
 MAX_PROMPT_LOOKUP = 16
+DRAFT_WEIGHT_DTYPES = ("auto", "fp8")
 
 
 class LongSpecConfigError(ValueError):
@@ -63,6 +64,11 @@ class LongSpecConfig:
             are drafted by prompt lookup alone, so a long copied continuation is verified in
             one step while the draft model's cost stays that of a short chain (e.g. 8 tokens
             per step, 4 of them from the draft model).
+        draft_weight_dtype: ``"auto"``: the draft's matmuls use the weights as loaded (the
+            target's dtype). ``"fp8"``: FP8 weights with per-channel scales for the per-level
+            matmuls and a pruned head (`engine.draft_linear`; CUDA with compute capability
+            >= 8.9): half the bytes each tree level reads. Never changes the output, only which
+            drafts are proposed.
     """
 
     draft: str
@@ -74,10 +80,12 @@ class LongSpecConfig:
     prompt_lookup_max: int = 0
     prompt_lookup_min: int = 2
     draft_model_tokens: int | None = None
+    draft_weight_dtype: str = "auto"
 
     # Keys a user may put into additional_config["longspec"].
     USER_KEYS = ("draft", "tree_widths", "window", "min_prompt_len", "num_speculative_tokens",
-                 "draft_vocab_size", "prompt_lookup_max", "prompt_lookup_min", "draft_model_tokens")
+                 "draft_vocab_size", "prompt_lookup_max", "prompt_lookup_min", "draft_model_tokens",
+                 "draft_weight_dtype")
 
     def __post_init__(self) -> None:
         if not isinstance(self.draft, str) or not self.draft:
@@ -107,6 +115,10 @@ class LongSpecConfig:
         if self.draft_vocab_size is not None:
             _check_int("draft_vocab_size", self.draft_vocab_size,
                        max(self.level_widths), 1 << 24)
+        if self.draft_weight_dtype not in DRAFT_WEIGHT_DTYPES:
+            raise LongSpecConfigError(
+                f"draft_weight_dtype must be one of {', '.join(DRAFT_WEIGHT_DTYPES)}, got "
+                f"{self.draft_weight_dtype!r}")
         _check_int("prompt_lookup_max", self.prompt_lookup_max, 0, MAX_PROMPT_LOOKUP)
         if self.prompt_lookup_max > 0:
             _check_int("prompt_lookup_min", self.prompt_lookup_min, 1, self.prompt_lookup_max)

@@ -95,3 +95,56 @@ def test_chain_drafting_equals_the_general_tree_loop():
     tree_tokens, tree_parents = drafter._draft_levels(inputs, MAX_LEN)
     assert torch.equal(tokens, tree_tokens) and torch.equal(parents, tree_parents)
     assert tokens.shape == (2, 3) and parents[0].tolist() == [-1, 0, 1, 2]
+
+
+def test_tree_drafting_hands_the_rotary_kernel_dense_positions():
+    """vLLM's rotary kernel reads positions as a dense array: a stride-0 view (an expanded
+    position of one request) makes it read past the tensor (an illegal address on the GPU)."""
+    drafter = _drafter(widths=(2, 3, 3), depth=3)
+    rope, seen = drafter.rope, []
+
+    def checking_rope(positions, q, k):
+        seen.append((positions.is_contiguous(), positions.stride(), positions.tolist()))
+        return rope(positions, q, k)
+
+    drafter.rope = checking_rope
+    inputs = DraftInputs.from_requests(roots=[3], ring_rows=[1], ring_valid=[8],
+                                       root_positions=[30], prefix_lens=[30],
+                                       block_table=_block_table([1]))
+    drafter._draft_levels(inputs, MAX_LEN)
+    # self- and cross-attention rotate at every level
+    assert [s[2] for s in seen] == [[30], [30], [31] * 2, [31] * 2, [32] * 3, [32] * 3]
+    assert all(contiguous for contiguous, _, _ in seen), seen
+
+
+def test_fp8_weights_dequantise_to_the_loaded_weights():
+    from vllm_longspec.engine.draft_linear import FP8_MAX, DraftLinear, quantize_fp8_per_channel
+
+    torch.manual_seed(4)
+    weight = torch.randn(48, 64) * torch.logspace(-2, 1, 48)[:, None]  # rows of unequal scale
+    quantized, scale = quantize_fp8_per_channel(weight)
+    assert quantized.dtype == torch.float8_e4m3fn and scale.shape == (48,)
+    assert float(quantized.float().abs().max()) <= FP8_MAX
+    restored = quantized.float() * scale[:, None]
+    # E4M3 keeps 3 mantissa bits: each weight within 1/16 of itself (relative) per row scale
+    assert torch.allclose(restored, weight, rtol=0.07, atol=float(scale.max()) * 2 ** -6)
+    bias = torch.randn(48)
+    linear = DraftLinear(weight, bias, fp8=True)
+    assert linear.nbytes == weight.numel()  # one byte per weight
+    x = torch.randn(5, 64)
+    exact = torch.nn.functional.linear(x, weight, bias)
+    got = linear.reference(x)
+    assert float((got - exact).norm() / exact.norm()) < 0.05
+    assert torch.equal(DraftLinear(weight, bias).reference(x), exact)
+
+
+def test_fp8_draft_weights_are_refused_where_there_is_no_fp8_matmul():
+    from vllm_longspec.config import LongSpecConfig, LongSpecConfigError
+    from vllm_longspec.engine.draft_linear import fp8_matmul_available
+
+    with pytest.raises(LongSpecConfigError, match="draft_weight_dtype must be one of auto, fp8"):
+        LongSpecConfig(draft="/d", num_speculative_tokens=2, draft_weight_dtype="int4")
+    assert LongSpecConfig.from_dict({"draft": "/d", "num_speculative_tokens": 2,
+                                     "draft_weight_dtype": "fp8"}).draft_weight_dtype == "fp8"
+    if not torch.cuda.is_available():
+        assert not fp8_matmul_available(0)

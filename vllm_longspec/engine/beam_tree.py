@@ -7,6 +7,7 @@ order, the root (the last committed token) being node 0; a chain is the tree of 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -31,8 +32,44 @@ def expand_level(logprobs: torch.Tensor, scores: torch.Tensor, width: int) -> Le
     batch, nodes, vocab = logprobs.shape
     cumulative = (scores.unsqueeze(-1) + logprobs).reshape(batch, nodes * vocab)
     width = min(width, nodes * vocab)
-    best, index = cumulative.topk(width, dim=-1)
+    best, index = chunked_topk(cumulative, width)
     return LevelExpansion(tokens=index % vocab, parent_local=index // vocab, scores=best)
+
+
+# Longest chunk of `chunked_topk`: PyTorch's top-k runs one single-block kernel over many slices
+# of up to a few thousand elements, but a multi-pass radix select (~13 launches) over few long
+# slices -- the drafting's case, (16 nodes x 32k-150k vocabulary) per request.
+_TOPK_CHUNK = 4096
+_MIN_TOPK_CHUNK = 1024
+
+
+@functools.lru_cache(maxsize=None)
+def topk_chunk_length(length: int, k: int) -> int | None:
+    """The largest divisor of `length` in [1024, 4096] and >= k, or None (no chunking)."""
+    if length <= _TOPK_CHUNK:
+        return None
+    for chunk in range(_TOPK_CHUNK, max(_MIN_TOPK_CHUNK, k) - 1, -1):
+        if length % chunk == 0:
+            return chunk
+    return None
+
+
+def chunked_topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``values.topk(k, dim=-1)`` of [B, L] as two short top-ks: the top-k of each chunk of
+    the row, then the top-k of those candidates (the row's top-k has at most k in any chunk, so
+    the result is the same set; the order among exactly equal values may differ).
+
+    Returns:
+        values [B, k] (descending) and their indices [B, k] into the row (int64).
+    """
+    batch, length = values.shape
+    chunk = topk_chunk_length(length, k)
+    if chunk is None:
+        return values.topk(k, dim=-1)
+    local_best, local_index = values.view(batch, length // chunk, chunk).topk(k, dim=-1)
+    best, pick = local_best.reshape(batch, -1).topk(k, dim=-1)  # pick in [0, chunks * k)
+    local = local_index.reshape(batch, -1).gather(1, pick)
+    return best, torch.div(pick, k, rounding_mode="floor") * chunk + local
 
 
 def tree_node_offsets(widths: tuple[int, ...]) -> list[int]:

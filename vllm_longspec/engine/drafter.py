@@ -36,6 +36,7 @@ from vllm_longspec_kernels import attend_paged_prefix
 
 from .beam_tree import tree_node_offsets
 from .draft_graphs import DraftInputs
+from .draft_linear import DraftLinear, fp8_matmul_available
 from .ring_attention import ring_attention
 from .serving_layer import ServingDraftLayer
 from .tp_draft import build_draft_on_rank
@@ -75,13 +76,17 @@ class LongSpecDrafter:
         self.on_rank = on_rank
         self.vocab_head = on_rank.head
         self.arch = ckpt.arch
+        fp8 = self.config.draft_weight_dtype == "fp8"
+        if fp8 and not fp8_matmul_available(self.target.device.index or 0):
+            raise ValueError("LongSpec draft_weight_dtype='fp8' needs a CUDA GPU of compute "
+                             "capability >= 8.9 and vLLM's FP8 kernels; use 'auto'")
         if self.config.draft_vocab_size is not None:
-            self.vocab_head = self._pruned_vocab_head(target_model, on_rank.comm)
+            self.vocab_head = self._pruned_vocab_head(target_model, on_rank.comm, fp8)
         ops = FusedOps.for_device(self.target.device)
         self.rope = ops.rope_fn(self.target.rotary) or rope_from_vllm_rotary(self.target.rotary)
         # What serving runs: the same weights, fused (see `serving_layer`); the reference
         # layer's unfused copies are dropped with it.
-        self.draft = ServingDraftLayer(on_rank.draft, ops)
+        self.draft = ServingDraftLayer(on_rank.draft, ops, fp8=fp8)
         self.ring = DraftKVRing(self.ring_rows, self.config.window, on_rank.num_kv_heads,
                                 ckpt.arch.head_dim, self.target.dtype, self.target.device)
 
@@ -94,7 +99,8 @@ class LongSpecDrafter:
         """Tree nodes per request, the root included."""
         return 1 + sum(self.widths)
 
-    def _pruned_vocab_head(self, target_model: Any, comm: Any) -> DraftVocabHead:
+    def _pruned_vocab_head(self, target_model: Any, comm: Any,
+                           fp8: bool = False) -> DraftVocabHead:
         """The draft's head over the most frequent `draft_vocab_size` tokens (a copy of those
         rows of the target's lm_head; see `draft.vocab`)."""
         if comm is not None:
@@ -106,9 +112,9 @@ class LongSpecDrafter:
                              f"{self.config.draft} has no {TOKEN_COUNTS_FILE}")
         size = int(self.config.draft_vocab_size)
         ids = frequent_token_ids(counts[:self.arch.vocab_size], size).to(self.target.device)
-        rows = vllm_api.lm_head_weight(target_model)[ids].detach().clone()
-        return DraftVocabHead(lambda hidden: torch.nn.functional.linear(hidden, rows),
-                              VocabShard(0, size, size), token_ids=ids)
+        rows = DraftLinear(vllm_api.lm_head_weight(target_model)[ids].detach().clone(),
+                           fp8=fp8)
+        return DraftVocabHead(rows, VocabShard(0, size, size), token_ids=ids)
 
     def target_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the target's last layer, [num_blocks, block_size, Hk, D] views."""
@@ -160,56 +166,62 @@ class LongSpecDrafter:
         device = self.device
         scale = self.arch.head_dim ** -0.5
         batch_size = inputs.roots.shape[0]
-        cross_attend = self._cross_attention(inputs, max_prefix)
+        cu_of = _CuSeqlens(batch_size, device)
+        cross_attend = self._cross_attention(inputs, max_prefix, cu_of)
         num_nodes = self.num_nodes
-        ring_rows, ring_valid, root_pos = inputs.ring_rows, inputs.ring_valid, inputs.root_positions
+        # Converted once for all levels (each conversion is a kernel inside the graph).
+        ring_rows = inputs.ring_rows.to(torch.int32)
+        ring_valid = inputs.ring_valid.to(torch.int32)
+        root_pos = inputs.root_positions
         parents = torch.full((batch_size, num_nodes), -1, dtype=torch.long, device=device)
-        # ancestors[b, i, j]: node j (>= 1) is node i or one of its ancestors.
-        ancestors = torch.zeros(batch_size, num_nodes, num_nodes, dtype=torch.bool,
+        # ancestors[b, i, j]: node j is node i or one of its ancestors (column 0, the root, is
+        # never read: the root is in the ring, not in the scratch).
+        ancestors = torch.eye(num_nodes, dtype=torch.bool, device=device).repeat(
+            batch_size, 1, 1)
+        hk, d = self.ring.k.shape[2], self.ring.k.shape[3]
+        # K/V of the tree nodes 1..N-1 of this step (the deepest level is never fed back).
+        scratch_k = torch.empty(batch_size, num_nodes - 1, hk, d, dtype=self.ring.k.dtype,
                                 device=device)
-        scratch_k: torch.Tensor | None = None  # [B, S, Hk, D], tree nodes 1..S
-        scratch_v: torch.Tensor | None = None
+        scratch_v = torch.empty_like(scratch_k)
         query = inputs.roots.unsqueeze(1)  # [B, W] the level's tokens
         scores = torch.zeros(batch_size, 1, device=device)
-        level_nodes = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # BFS ids
         offsets = tree_node_offsets(self.widths)
         levels: list[torch.Tensor] = []
         for level, width in enumerate(self.widths):
             nodes_here = query.shape[1]
+            first = 0 if level == 0 else offsets[level - 1]  # BFS id of the level's first node
 
-            def self_attend(q, k, v, level=level, nodes_here=nodes_here,
-                            level_nodes=level_nodes):
-                nonlocal scratch_k, scratch_v
+            def self_attend(q, k, v, level=level, nodes_here=nodes_here, first=first):
                 q = q.reshape(batch_size, nodes_here, *q.shape[1:])
                 if level == 0:  # the root is committed: already in its ring
                     out = ring_attention(q, self.ring.k, self.ring.v, ring_rows, ring_valid,
-                                         None, None, scale)
+                                         None, None, scale, cu_seqlens=cu_of(nodes_here))
                     return out.reshape(-1, *out.shape[2:])
-                k = k.reshape(batch_size, nodes_here, *k.shape[1:])
-                v = v.reshape(batch_size, nodes_here, *v.shape[1:])
-                scratch_k = k if scratch_k is None else torch.cat([scratch_k, k], dim=1)
-                scratch_v = v if scratch_v is None else torch.cat([scratch_v, v], dim=1)
-                seen = scratch_k.shape[1]
-                visible = ancestors.gather(
-                    1, level_nodes.unsqueeze(-1).expand(-1, -1, num_nodes))[:, :, 1:seen + 1]
+                seen = first + nodes_here - 1  # scratch nodes 1..seen exist after this level
+                scratch_k[:, first - 1:seen] = k.reshape(batch_size, nodes_here, hk, d)
+                scratch_v[:, first - 1:seen] = v.reshape(batch_size, nodes_here, hk, d)
+                # The level's nodes are one BFS range: their masks are a slice, not a gather.
+                visible = ancestors[:, first:first + nodes_here, 1:seen + 1]
                 out = ring_attention(q, self.ring.k, self.ring.v, ring_rows, ring_valid,
-                                     scratch_k, scratch_v, scale, visible)
+                                     scratch_k[:, :seen], scratch_v[:, :seen], scale, visible,
+                                     cu_seqlens=cu_of(nodes_here))
                 return out.reshape(-1, *out.shape[2:])
 
-            positions = (root_pos + level).repeat_interleave(nodes_here)
+            # Materialised: vLLM's rotary kernel indexes positions as a dense array (an expand
+            # of one request can reshape into a stride-0 view).
+            positions = (root_pos + level).unsqueeze(1).expand(-1, nodes_here).contiguous()
+            positions = positions.view(-1)
             hidden = self.draft(self.target.embed(query.reshape(-1)), positions, self.rope,
                                 self_attend, lambda q, n=nodes_here: cross_attend(q, n))
             grown = self.vocab_head.expand_level(hidden, scores, width)
-            new_nodes = torch.arange(offsets[level], offsets[level] + width, device=device)
-            new_nodes = new_nodes.unsqueeze(0).expand(batch_size, -1)
-            parent_ids = level_nodes.gather(1, grown.parent_local)
-            parents[:, offsets[level]:offsets[level] + width] = parent_ids
-            inherited = ancestors.gather(1, parent_ids.unsqueeze(-1).expand(-1, -1, num_nodes))
-            # Each new node is its own "ancestor" (it sees itself).
-            inherited = inherited.scatter(2, new_nodes.unsqueeze(-1), True)
-            ancestors[:, offsets[level]:offsets[level] + width] = inherited
+            new = slice(offsets[level], offsets[level] + width)
+            parent_ids = grown.parent_local + first
+            parents[:, new] = parent_ids
+            # A new node sees what its parent sees, and itself (the identity it started with).
+            ancestors[:, new] |= ancestors.gather(
+                1, parent_ids.unsqueeze(-1).expand(-1, -1, num_nodes))
             levels.append(grown.tokens)
-            query, scores, level_nodes = grown.tokens, grown.scores, new_nodes
+            query, scores = grown.tokens, grown.scores
         return torch.cat(levels, dim=1), parents
 
     def draft_chain(self, inputs: DraftInputs, max_prefix: int
@@ -241,23 +253,39 @@ class LongSpecDrafter:
         parents = torch.arange(-1, depth, device=self.device).unsqueeze(0).expand(batch_size, -1)
         return torch.stack(levels, dim=1), parents
 
-    def _cross_attention(self, inputs: DraftInputs, max_prefix: int):
+    def _cross_attention(self, inputs: DraftInputs, max_prefix: int,
+                         cu_of: "_CuSeqlens | None" = None):
         """cross_attend(q [B*n, Hq, D], n) over each request's committed target prefix:
         FlashAttention over the paged cache on the GPU, plain torch on the CPU."""
         k_cache, v_cache = self.target_kv()
         scale = self.arch.head_dim ** -0.5
         batch_size = inputs.roots.shape[0]
         backend = "auto" if self.device.type == "cuda" else "torch"
+        cu_of = cu_of or _CuSeqlens(batch_size, self.device)
 
         def cross_attend(q: torch.Tensor, nodes_per_request: int) -> torch.Tensor:
             if max_prefix == 0:
                 return torch.zeros_like(q)
-            cu = torch.arange(batch_size + 1, dtype=torch.int32,
-                              device=q.device) * nodes_per_request
             out, _ = attend_paged_prefix(q.contiguous(), k_cache, v_cache, inputs.block_table,
-                                         inputs.prefix_lens, cu, scale,
+                                         inputs.prefix_lens, cu_of(nodes_per_request), scale,
                                          max_seqlen_q=nodes_per_request,
                                          max_prefix_len=max_prefix, backend=backend)
             return out.to(q.dtype)
 
         return cross_attend
+
+
+class _CuSeqlens:
+    """``arange(batch + 1) * n`` (int32) per query count n, built once per drafting call."""
+
+    def __init__(self, batch_size: int, device: torch.device):
+        self.batch_size, self.device = batch_size, device
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __call__(self, n: int) -> torch.Tensor:
+        cu = self._cache.get(n)
+        if cu is None:
+            cu = torch.arange(0, (self.batch_size + 1) * n, n, dtype=torch.int32,
+                              device=self.device)
+            self._cache[n] = cu
+        return cu

@@ -24,7 +24,8 @@ from vllm_longspec_kernels import attend_paged_prefix
 def ring_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor,
                    rows: torch.Tensor, ring_valid: torch.Tensor,
                    scratch_k: torch.Tensor | None, scratch_v: torch.Tensor | None,
-                   scale: float, visible: torch.Tensor | None = None) -> torch.Tensor:
+                   scale: float, visible: torch.Tensor | None = None,
+                   cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Self-attention of n queries per request over its ring (+ scratch nodes).
 
     Args:
@@ -35,12 +36,15 @@ def ring_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor,
         scratch_k, scratch_v: [B, S, Hk, D] K/V of the request's speculative nodes, or None.
         scale: softmax scale.
         visible: [B, n, S] bool, which scratch nodes each query sees; None = all.
+        cu_seqlens: [B+1] int32 ``arange(B + 1) * n`` when the caller has it (drafting reuses
+            it across levels and attentions); built here otherwise.
     Returns:
         [B, n, Hq, D] in q's dtype.
     """
     batch, n, hq, d = q.shape
     window, hk = ring_k.shape[1], ring_k.shape[2]
-    cu = torch.arange(batch + 1, dtype=torch.int32, device=q.device) * n
+    cu = cu_seqlens if cu_seqlens is not None else \
+        torch.arange(batch + 1, dtype=torch.int32, device=q.device) * n
     backend = "auto" if q.is_cuda else "torch"
     out, lse = attend_paged_prefix(
         q.reshape(batch * n, hq, d).contiguous(), ring_k, ring_v,
@@ -55,7 +59,7 @@ def ring_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor,
     qf = q.reshape(batch, n, hk, group, d).float()
     logits = torch.einsum("bnhgd,bshd->bnhgs", qf, scratch_k.float()) * scale
     if visible is not None:
-        logits = logits.masked_fill(~visible[:, :, None, None, :], float("-inf"))
+        logits = torch.where(visible[:, :, None, None, :], logits, float("-inf"))
     probs = torch.softmax(torch.cat([ring_lse, logits], dim=-1), dim=-1)
     mixed = probs[..., :1] * ring_out + torch.einsum("bnhgs,bshd->bnhgd", probs[..., 1:],
                                                      scratch_v.float())

@@ -15,11 +15,11 @@ what LongSpec generates.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..compat.fused_ops import FusedOps
 from ..draft.model import CrossAttendFn, LongSpecDraftLayer, RopeFn, SelfAttendFn
+from .draft_linear import DraftLinear
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -33,9 +33,10 @@ class ServingDraftLayer(nn.Module):
     Args:
         layer: the loaded draft (a tensor-parallel shard keeps its ``reduce_partial``).
         ops: the fused kernels to run with.
+        fp8: the per-level matmuls with FP8 weights (`draft_linear`; CUDA, Hopper/Ada).
     """
 
-    def __init__(self, layer: LongSpecDraftLayer, ops: FusedOps):
+    def __init__(self, layer: LongSpecDraftLayer, ops: FusedOps, fp8: bool = False):
         super().__init__()
         self.arch = layer.arch
         self.ops = ops
@@ -44,29 +45,32 @@ class ServingDraftLayer(nn.Module):
         comm = getattr(layer, "comm", None)
         self.reduce_partial = comm.all_reduce if comm is not None else _identity
         attn, cross, mlp = layer.self_attn, layer.cross_attn, layer.mlp
+        self.q_size = self.arch.num_attention_heads * self.arch.head_dim
+        self.kv_size = self.arch.num_key_value_heads * self.arch.head_dim
         with torch.no_grad():
-            self.qkv_weight = nn.Parameter(torch.cat(
-                [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), False)
-            self.qkv_bias = nn.Parameter(torch.cat(
-                [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]), False)
-            self.gate_up_weight = nn.Parameter(torch.cat(
-                [mlp.gate_proj.weight, mlp.up_proj.weight]), False)
-        self.o_weight = attn.o_proj.weight
-        self.cross_q_weight, self.cross_q_bias = cross.q_proj.weight, cross.q_proj.bias
-        self.cross_o_weight = cross.o_proj.weight
-        self.down_weight = mlp.down_proj.weight
+            qkv_weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+            qkv_bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+        self.qkv = DraftLinear(qkv_weight, qkv_bias, fp8)
+        # The ring's K/V of committed tokens (`self_kv`, not per level) stay in the loaded
+        # dtype: they are what every later query attends to.
+        self.kv = DraftLinear(qkv_weight[self.q_size:].clone() if fp8 else
+                              qkv_weight[self.q_size:], qkv_bias[self.q_size:])
+        self.o = DraftLinear(attn.o_proj.weight, None, fp8)
+        self.cross_q = DraftLinear(cross.q_proj.weight, cross.q_proj.bias, fp8)
+        self.cross_o = DraftLinear(cross.o_proj.weight, None, fp8)
+        self.gate_up = DraftLinear(gate_up, None, fp8)
+        self.down = DraftLinear(mlp.down_proj.weight, None, fp8)
         self.norm_in = layer.input_layernorm.weight
         self.norm_self = layer.post_self_attention_layernorm.weight
         self.norm_cross = layer.post_cross_attention_layernorm.weight
         self.eps = layer.input_layernorm.eps
-        self.q_size = self.arch.num_attention_heads * self.arch.head_dim
-        self.kv_size = self.arch.num_key_value_heads * self.arch.head_dim
 
     def self_kv(self, embeds: torch.Tensor, positions: torch.Tensor,
                 rope: RopeFn) -> tuple[torch.Tensor, torch.Tensor]:
         """`LongSpecDraftLayer.self_kv`: k, v [N, Hk, D] of tokens (k rotated)."""
         x = self.ops.rms_norm(embeds, self.norm_in, self.eps)
-        kv = F.linear(x, self.qkv_weight[self.q_size:], self.qkv_bias[self.q_size:])
+        kv = self.kv(x)
         k, v = kv.split([self.kv_size, self.kv_size], dim=-1)
         _, k = rope(positions, None, k)
         hk, d = self.arch.num_key_value_heads, self.arch.head_dim
@@ -79,21 +83,18 @@ class ServingDraftLayer(nn.Module):
         hq, hk, d = self.arch.num_attention_heads, self.arch.num_key_value_heads, self.arch.head_dim
         n = embeds.shape[0]
         x = self.ops.rms_norm(embeds, self.norm_in, self.eps)
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        qkv = self.qkv(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = rope(positions, q, k)
         attn = self_attend(q.reshape(n, hq, d), k.reshape(n, hk, d), v.reshape(n, hk, d))
-        out = self.reduce_partial(F.linear(attn.reshape(n, hq * d).to(embeds.dtype),
-                                           self.o_weight))
+        out = self.reduce_partial(self.o(attn.reshape(n, hq * d).to(embeds.dtype)))
         x, h = self.ops.add_rms_norm(out, embeds, self.norm_self, self.eps)
 
-        qc = F.linear(x, self.cross_q_weight, self.cross_q_bias)
+        qc = self.cross_q(x)
         qc, _ = rope(positions, qc, None)
         attn = cross_attend(qc.reshape(n, hq, d))
-        out = self.reduce_partial(F.linear(attn.reshape(n, hq * d).to(h.dtype),
-                                           self.cross_o_weight))
+        out = self.reduce_partial(self.cross_o(attn.reshape(n, hq * d).to(h.dtype)))
         x, h = self.ops.add_rms_norm(out, h, self.norm_cross, self.eps)
 
-        mlp = F.linear(self.ops.silu_and_mul(F.linear(x, self.gate_up_weight)),
-                       self.down_weight)
+        mlp = self.down(self.ops.silu_and_mul(self.gate_up(x)))
         return h + self.reduce_partial(mlp)

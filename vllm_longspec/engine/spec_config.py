@@ -146,6 +146,10 @@ CLI_FLAGS = {
         dest="longspec_draft_model_tokens", type=int, default=None,
         help="LongSpec chains with prompt lookup: tokens per step the draft model drafts "
              "(default: all); the rest of --num-speculative-tokens come from prompt lookup."),
+    "--longspec-draft-weight-dtype": dict(
+        dest="longspec_draft_weight_dtype", default=None, choices=("auto", "fp8"),
+        help="LongSpec: 'fp8' runs the draft's per-level matmuls with FP8 weights (Hopper/Ada "
+             "GPUs; half the bytes per tree level). Default: the target's dtype."),
 }
 DEFAULT_CHAIN_TOKENS = 4
 # Flags that become the LongSpec option of the same name (--longspec-window -> "window"); the

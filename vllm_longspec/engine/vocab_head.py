@@ -55,9 +55,10 @@ class DraftVocabHead:
     def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, shard.size] fp32 log-probabilities of this rank's ids, normalised
         over the whole vocabulary."""
-        logits = self.local_logits(hidden)[:, :self.shard.size].float()
-        if self.comm is None:
-            return torch.log_softmax(logits, dim=-1)
+        logits = self.local_logits(hidden)[:, :self.shard.size]
+        if self.comm is None:  # one kernel: the fp32 cast happens inside the softmax
+            return torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+        logits = logits.float()
         log_z = torch.logsumexp(logits, dim=-1, keepdim=True)                       # [N, 1]
         log_z = torch.logsumexp(self.comm.all_gather(log_z, dim=-1), dim=-1, keepdim=True)
         return logits - log_z
