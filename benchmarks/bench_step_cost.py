@@ -28,6 +28,8 @@ import sys
 import time
 from typing import Any
 
+from vllm_longspec.config import DRAFT_WEIGHT_DTYPES
+
 from .model_shapes import SHAPES, shape_folder, untrained_draft
 
 def measure(config: dict[str, Any]) -> dict[str, Any]:
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chain", type=int, default=None, help="also measure a chain of K")
     parser.add_argument("--draft-vocab-size", type=int, default=None,
                         help="LongSpec drafts over this many most frequent tokens")
-    parser.add_argument("--draft-weight-dtype", default="auto", choices=("auto", "fp8"),
+    parser.add_argument("--draft-weight-dtype", default="auto", choices=DRAFT_WEIGHT_DTYPES,
                         help="LongSpec's draft_weight_dtype")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="bfloat16")

@@ -231,7 +231,11 @@ class LongSpecDrafter:
         depth = len(self.widths)
         batch_size = inputs.roots.shape[0]
         scale = self.arch.head_dim ** -0.5
-        cross_attend = self._cross_attention(inputs, max_prefix)
+        cu_of = _CuSeqlens(batch_size, self.device)
+        cross_attend = self._cross_attention(inputs, max_prefix, cu_of)
+        # Converted once for all levels, as in `_draft_levels`.
+        ring_rows = inputs.ring_rows.to(torch.int32)
+        ring_valid = inputs.ring_valid.to(torch.int32)
         scratch: list[tuple[torch.Tensor, torch.Tensor]] = []
         query = inputs.roots
         levels = []
@@ -242,8 +246,8 @@ class LongSpecDrafter:
                     scratch.append((k, v))
                 keys = torch.stack([kv[0] for kv in scratch], dim=1) if scratch else None
                 values = torch.stack([kv[1] for kv in scratch], dim=1) if scratch else None
-                out = ring_attention(q.unsqueeze(1), self.ring.k, self.ring.v,
-                                     inputs.ring_rows, inputs.ring_valid, keys, values, scale)
+                out = ring_attention(q.unsqueeze(1), self.ring.k, self.ring.v, ring_rows,
+                                     ring_valid, keys, values, scale, cu_seqlens=cu_of(1))
                 return out.squeeze(1)
 
             hidden = self.draft(self.target.embed(query), inputs.root_positions + level,

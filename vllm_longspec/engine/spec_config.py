@@ -19,7 +19,7 @@ import argparse
 import os
 from typing import Any
 
-from ..config import LongSpecConfig, LongSpecConfigError
+from ..config import DRAFT_WEIGHT_DTYPES, LongSpecConfig, LongSpecConfigError
 from ..draft.checkpoint import (check_draft_fits_target,
                                 check_draft_weights, is_draft_folder, load_draft_header)
 from ..draft.model import DraftArchitecture
@@ -147,7 +147,7 @@ CLI_FLAGS = {
         help="LongSpec chains with prompt lookup: tokens per step the draft model drafts "
              "(default: all); the rest of --num-speculative-tokens come from prompt lookup."),
     "--longspec-draft-weight-dtype": dict(
-        dest="longspec_draft_weight_dtype", default=None, choices=("auto", "fp8"),
+        dest="longspec_draft_weight_dtype", default=None, choices=DRAFT_WEIGHT_DTYPES,
         help="LongSpec: 'fp8' runs the draft's per-level matmuls with FP8 weights (Hopper/Ada "
              "GPUs; half the bytes per tree level). Default: the target's dtype."),
 }
