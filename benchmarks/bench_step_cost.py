@@ -101,7 +101,8 @@ def _draft_timing(llm: Any) -> dict[str, float] | None:
 
 
 def _run_child(config: dict[str, Any]) -> dict[str, Any]:
-    env = dict(os.environ, LONGSPEC_TIME_DRAFTING="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    env = dict(os.environ, LONGSPEC_TIME_DRAFTING="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
+               **config.get("env", {}))
     proc = subprocess.run([sys.executable, "-m", "vllm_longspec_benchmarks.bench_step_cost",
                            "--child", json.dumps(config)], env=env, capture_output=True,
                           text=True)
@@ -121,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draft", default=None, help="default: an untrained draft")
     parser.add_argument("--contexts", default="32768,131072")
     parser.add_argument("--tree-widths", default="4,16,16,16,16")
+    parser.add_argument("--tree-runners", default="v2",
+                        help="model runners to verify the tree on (v2, v1 or v2,v1: "
+                             "LONGSPEC_TREE_RUNNER)")
     parser.add_argument("--chain", type=int, default=None, help="also measure a chain of K")
     parser.add_argument("--draft-vocab-size", type=int, default=None,
                         help="LongSpec drafts over this many most frequent tokens")
@@ -131,9 +135,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--out", default="bench_out")
+    parser.add_argument("--merge-logs", nargs="+", default=None, metavar="LOG",
+                        help="no engines: report the ROW lines earlier runs printed")
     args = parser.parse_args(argv)
     if args.child is not None:
         print("RESULT " + json.dumps(measure(json.loads(args.child))), flush=True)
+        return 0
+    if args.merge_logs:
+        os.makedirs(args.out, exist_ok=True)
+        _report(rows_from_logs(args.merge_logs), [],
+                {"target": args.target or f"{args.shape} shape (dummy weights)",
+                 "dtype": args.dtype, "merged_from": args.merge_logs}, args.out)
         return 0
 
     os.makedirs(args.out, exist_ok=True)
@@ -146,23 +158,56 @@ def main(argv: list[str] | None = None) -> int:
     if args.draft_weight_dtype != "auto":
         vocab["draft_weight_dtype"] = args.draft_weight_dtype
         suffix += f", {args.draft_weight_dtype} draft"
-    variants: list[tuple[str, dict | None, dict]] = [("plain", None, {})]
-    variants.append((f"tree {args.tree_widths}{suffix}",
-                     {"method": "longspec", "model": draft, "num_speculative_tokens": len(widths)},
-                     {"longspec": {"tree_widths": widths, **vocab}}))
+    variants: list[tuple[str, dict | None, dict, dict]] = [("plain", None, {}, {})]
+    for runner in args.tree_runners.split(","):
+        variants.append((f"tree {args.tree_widths}{suffix} ({runner})",
+                         {"method": "longspec", "model": draft,
+                          "num_speculative_tokens": len(widths)},
+                         {"longspec": {"tree_widths": widths, **vocab}},
+                         {"LONGSPEC_TREE_RUNNER": runner}))
     if args.chain:
         variants.append((f"chain {args.chain}{suffix}", {"method": "longspec", "model": draft,
                                                           "num_speculative_tokens": args.chain},
-                         {"longspec": dict(vocab)}))
+                         {"longspec": dict(vocab)}, {}))
     from tqdm import tqdm
 
-    rows = []
+    rows: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
     jobs = [(int(c), v) for c in args.contexts.split(",") for v in variants]
-    for context, (name, spec, additional) in tqdm(jobs, desc="engines"):
+    for context, (name, spec, additional, env) in tqdm(jobs, desc="engines"):
         config = dict(name=name, target=target, dtype=args.dtype, eager=args.eager,
                       dummy=dummy, context=context, new_tokens=args.new_tokens, spec=spec,
-                      additional=additional, gpu_memory_utilization=args.gpu_memory_utilization)
-        rows.append({"context": context, "variant": name, **_run_child(config)})
+                      additional=additional, gpu_memory_utilization=args.gpu_memory_utilization,
+                      env=env)
+        try:
+            rows.append({"context": context, "variant": name, **_run_child(config)})
+            print("ROW " + json.dumps(rows[-1]), flush=True)
+        except RuntimeError as error:  # recorded; the other engines still run
+            print(f"{name} at {context}: {error}", flush=True)
+            failed.append({"context": context, "variant": name, "error": str(error)})
+    meta = {"target": f"{args.shape} shape (dummy weights)" if dummy else target,
+            "dtype": args.dtype, "eager": args.eager, "new_tokens": args.new_tokens}
+    _report(rows, failed, meta, args.out)
+    return 1 if failed else 0
+
+
+def rows_from_logs(paths: list[str]) -> list[dict[str, Any]]:
+    """The rows that earlier runs printed (``ROW {...}`` lines), in order; a (context, variant)
+    measured twice keeps its last row."""
+    rows: dict[tuple[int, str], dict[str, Any]] = {}
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                if "ROW {" in line:  # a progress bar may share the line
+                    row = json.loads(line[line.index("ROW {") + len("ROW "):])
+                    rows[(row["context"], row["variant"])] = row
+    return list(rows.values())
+
+
+def _report(rows: list[dict[str, Any]], failed: list[dict[str, Any]], meta: dict[str, Any],
+            out: str) -> None:
+    """Ratios to the plain step of the same context, the table, step_cost.json and .png."""
+    rows = sorted(rows, key=lambda r: (r["context"], r["variant"] != "plain"))
     for row in rows:
         plain = next(r for r in rows if r["context"] == row["context"] and r["variant"] == "plain")
         row["x_plain_step"] = row["step_ms"] / plain["step_ms"]
@@ -176,13 +221,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['x_plain_step']:>8.2f} {r['per_token_ms']:>9.2f} "
               f"{'-' if draft_ms is None else f'{draft_ms:.2f}':>9} "
               f"{r.get('draft_x_plain_step', float('nan')):>13.2f}")
-    report = {"target": f"{args.shape} shape (dummy weights)" if dummy else target,
-              "dtype": args.dtype, "eager": args.eager, "new_tokens": args.new_tokens,
-              "rows": rows}
-    with open(os.path.join(args.out, "step_cost.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    _plot(rows, os.path.join(args.out, "step_cost.png"))
-    return 0
+    with open(os.path.join(out, "step_cost.json"), "w") as f:
+        json.dump({**meta, "rows": rows, "failed": failed}, f, indent=2)
+    _plot(rows, os.path.join(out, "step_cost.png"))
 
 
 def _plot(rows: list[dict[str, Any]], path: str) -> None:
@@ -192,6 +233,8 @@ def _plot(rows: list[dict[str, Any]], path: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return
+    if not rows:
         return
     contexts = sorted({r["context"] for r in rows})
     variants = list(dict.fromkeys(r["variant"] for r in rows))

@@ -109,10 +109,11 @@ def _expected_drafts(drafter: LongSpecDrafter, history: torch.Tensor, slots: lis
 
 def _step(proposer: DeviceProposer, slots: list[int], sampled: list[int],
           committed: list[int], refill: bool) -> torch.Tensor:
-    return proposer.propose(DeviceStep(
+    tokens, _ = proposer.propose(DeviceStep(
         slots=torch.tensor(slots), num_sampled=torch.tensor(sampled, dtype=torch.int32),
         committed=torch.tensor(committed), block_table=_block_table(slots),
         max_committed=max(committed), refill=refill))
+    return tokens
 
 
 def test_ring_and_drafts_follow_the_token_history_across_steps():
@@ -190,7 +191,7 @@ def test_prompt_lookup_replaces_drafts_with_copies_of_the_history():
     assert copies[0] == history[1, 13:13 + DEPTH].tolist() and copies[1] == [None] * DEPTH
     for max_committed in (max(committed), MAX_LEN):  # eager bound and the graphs' full width
         proposer = DeviceProposer(drafter, history, MAX_LEN, use_graphs=False, max_slots=SLOTS)
-        drafts = proposer.propose(DeviceStep(
+        drafts, _ = proposer.propose(DeviceStep(
             slots=torch.tensor(slots), num_sampled=torch.tensor([1, 1], dtype=torch.int32),
             committed=torch.tensor(committed), block_table=_block_table(slots),
             max_committed=max_committed, refill=True))
@@ -209,7 +210,7 @@ def test_prompt_lookup_ignores_a_chunked_prefill_longer_than_the_eager_bound():
     history[1, 10:13] = history[1, 27:30]
     slots, committed = [1, 2], [30, MAX_LEN - 1]
     proposer = DeviceProposer(drafter, history, MAX_LEN, use_graphs=False, max_slots=SLOTS)
-    drafts = proposer.propose(DeviceStep(
+    drafts, _ = proposer.propose(DeviceStep(
         slots=torch.tensor(slots), num_sampled=torch.tensor([1, 0], dtype=torch.int32),
         committed=torch.tensor(committed), block_table=_block_table(slots),
         max_committed=31, refill=True))
@@ -229,7 +230,7 @@ def test_lookup_only_positions_beyond_the_draft_models_tokens():
     slots, committed = [1, 3], [40, 25]
     proposer = DeviceProposer(drafter, history, MAX_LEN, use_graphs=False, max_slots=SLOTS)
     assert proposer.decode_span == 7 and proposer.num_drafts == 6
-    drafts = proposer.propose(DeviceStep(
+    drafts, _ = proposer.propose(DeviceStep(
         slots=torch.tensor(slots), num_sampled=torch.tensor([1, 1], dtype=torch.int32),
         committed=torch.tensor(committed), block_table=_block_table(slots),
         max_committed=max(committed), refill=True))

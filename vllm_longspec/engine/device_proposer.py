@@ -90,27 +90,31 @@ class DeviceProposer:
         self.num_drafts = drafter.config.num_draft_tokens
         self.use_graphs = use_graphs
         self.max_graph_batch = self._max_graph_batch(max_slots)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._static: DeviceStep | None = None
         self._pool = None
 
     # ------------------------------------------------------------------ public
-    def propose(self, step: DeviceStep) -> torch.Tensor:
-        """Drafts for every request of the step: [B, num_drafts] int64 (BFS order for trees;
-        rows of requests with ``num_sampled == 0`` hold don't-care tokens)."""
+    def propose(self, step: DeviceStep) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drafts for every request of the step (rows of requests with ``num_sampled == 0``
+        hold don't-care drafts).
+
+        Returns:
+            tokens [B, num_drafts] int64 (BFS order for trees), parents [B, num_drafts + 1]
+            int64 (root -1; a chain's are -1, 0, 1, ...).
+        """
         batch = step.batch_size
         if step.refill or not self._graph_covers(batch, step.block_table.shape[1]):
             span = self.window if step.refill else self.decode_span
-            tokens, _ = self._step(step, span, min(step.max_committed, self.max_model_len))
-            return tokens
+            return self._step(step, span, min(step.max_committed, self.max_model_len))
         bucket = next(b for b in _BUCKETS if b >= batch)
         self._fill_static(step, bucket)
         entry = self._graphs.get(bucket)
         if entry is None:
             entry = self._capture(bucket)
-        graph, tokens = entry
+        graph, tokens, parents = entry
         graph.replay()
-        return tokens[:batch]
+        return tokens[:batch], parents[:batch]
 
     def capture(self, block_table_width: int, max_batch: int) -> None:
         """Captures the decode-step graphs of every bucket up to `max_batch` (from vLLM's
@@ -213,7 +217,7 @@ class DeviceProposer:
         if bucket > batch:  # padded rows: idle (nothing written, outputs dropped)
             s.num_sampled[batch:bucket].zero_()
 
-    def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
         view = self._view(bucket)
         device = self.drafter.device
         stream = torch.cuda.Stream(device)
@@ -225,6 +229,6 @@ class DeviceProposer:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            tokens, _ = self._step(view, self.decode_span, self.max_model_len)
-        self._graphs[bucket] = (graph, tokens)
+            tokens, parents = self._step(view, self.decode_span, self.max_model_len)
+        self._graphs[bucket] = (graph, tokens, parents)
         return self._graphs[bucket]

@@ -37,6 +37,31 @@ class DraftedTree:
     parents: np.ndarray  # [n + 1] parent of each node, -1 for the root
 
 
+class KVPathCompactor:
+    """Moves accepted paths' K/V between cache slots in every target layer (one Triton launch
+    on the GPU; plain indexing on the CPU, whose cache may store K transposed).
+
+    Called with ``(src, dst)`` [M] int64 flat cache slots; entries with a negative slot are
+    skipped (fixed-size calls from the V2 runner)."""
+
+    def __init__(self, vllm_config: Any):
+        self._views = [
+            vllm_api.paged_kv_views(layer.kv_cache, layer.impl.head_size, layer)
+            for layer in vllm_api.target_attention_layers(vllm_config).values()]
+        self._table: Any = None
+
+    def __call__(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        from vllm_longspec_kernels import (build_kv_cache_table, compact_kv_caches,
+                                           compact_kv_caches_ref)
+
+        if src.is_cuda:
+            if self._table is None:
+                self._table = build_kv_cache_table(self._views, "separate")
+            compact_kv_caches(self._table, src, dst)
+        else:
+            compact_kv_caches_ref(self._views, src, dst, layout="separate")
+
+
 @dataclass
 class TreeVerifier:
     vllm_config: Any
@@ -45,17 +70,18 @@ class TreeVerifier:
         "tree_rows": 0, "tree_tokens_accepted": 0, "tree_rows_skipped": 0})
     comm: Any = None  # draft.sharding.TPComm under tensor parallelism (set by the proposer)
     _slots: torch.Tensor | None = None
-    _kv_table: Any = None
-    _kv_views: list | None = None
+    _compactor: "KVPathCompactor | None" = None
     _full_graph_masks: FullGraphTreeMasks | None = None
     _chain_parents: np.ndarray | None = None
     _chain_masks: torch.Tensor | None = None  # [max_tokens, W] chain masks (to reset rows)
     _tree_mask_tokens: int = 0  # leading mask rows that may hold trees
 
     # ------------------------------------------------------------------ setup
-    def install(self) -> None:
+    def install(self, always_mask_buffer: bool = False) -> None:
         """Checks that every target attention layer attends through LongSpec's tree backend
-        (called once the target is loaded)."""
+        (called once the target is loaded) and allocates the uniform batches' mask buffer
+        (`FullGraphTreeMasks`): with full CUDA graphs, or always (Model Runner V2 attends every
+        uniform batch through it, eager ones too)."""
         cache_dtype = str(self.vllm_config.cache_config.cache_dtype)
         layers = vllm_api.target_attention_layers(self.vllm_config)
         for name, layer in layers.items():
@@ -71,7 +97,8 @@ class TreeVerifier:
                     "(AttentionBackendEnum.CUSTOM, selected when tree_widths is set); omit "
                     "tree_widths to speculate with a chain.")
         set_full_graph_masks(None)
-        if vllm_api.uses_full_cudagraphs(self.vllm_config) and torch.cuda.is_available():
+        if (always_mask_buffer or vllm_api.uses_full_cudagraphs(self.vllm_config)) \
+                and torch.cuda.is_available():
             self._full_graph_masks = self._allocate_full_graph_masks()
             set_full_graph_masks(self._full_graph_masks)
 
@@ -187,22 +214,9 @@ class TreeVerifier:
         assert self._slots is not None
         src, dst = compaction_slots(plan, self._slots, results)
         if src.numel():
-            self._compact(src, dst)
-
-    def _compact(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        from vllm_longspec_kernels import (build_kv_cache_table, compact_kv_caches,
-                                           compact_kv_caches_ref)
-
-        if self._kv_views is None:
-            self._kv_views = [
-                vllm_api.paged_kv_views(layer.kv_cache, layer.impl.head_size, layer)
-                for layer in vllm_api.target_attention_layers(self.vllm_config).values()]
-        if src.is_cuda:  # one Triton launch for all layers
-            if self._kv_table is None:
-                self._kv_table = build_kv_cache_table(self._kv_views, "separate")
-            compact_kv_caches(self._kv_table, src, dst)
-        else:  # the CPU cache's K may be stored transposed: plain indexing through the views
-            compact_kv_caches_ref(self._kv_views, src, dst, layout="separate")
+            if self._compactor is None:
+                self._compactor = KVPathCompactor(self.vllm_config)
+            self._compactor(src, dst)
 
     # ------------------------------------------------------------------ bookkeeping
     def forget(self, req_ids) -> None:

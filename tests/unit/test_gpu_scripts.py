@@ -1,0 +1,43 @@
+"""Engine-free parts of the GPU scripts: merging step-cost rows from logs, comparing runs."""
+
+from __future__ import annotations
+
+import json
+
+from vllm_longspec_benchmarks.bench_step_cost import main as step_cost_main
+from vllm_longspec_benchmarks.bench_step_cost import rows_from_logs
+from vllm_longspec_benchmarks.gpu_v2_trees import compare
+
+
+def _row(context, variant, ms):
+    return {"context": context, "variant": variant, "step_ms": ms, "per_token_ms": ms,
+            "decode_steps": 8, "mean_acceptance_length": 1.0}
+
+
+def test_step_cost_rows_merge_from_logs(tmp_path):
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text("engines: 0%|  |ROW " + json.dumps(_row(32768, "plain", 6.0)) + "\n"
+                     "noise\nROW " + json.dumps(_row(32768, "tree", 12.0)) + "\n"
+                     "ROW " + json.dumps(_row(131072, "plain", 9.5)) + "\n")
+    second.write_text("ROW " + json.dumps(_row(131072, "plain", 9.0)) + "\n"
+                      "ROW " + json.dumps(_row(131072, "tree", 18.0)) + "\n")
+    rows = rows_from_logs([str(first), str(second)])
+    assert len(rows) == 4 and [r["step_ms"] for r in rows if r["context"] == 131072] == [9.0, 18.0]
+    out = tmp_path / "out"
+    assert step_cost_main(["--merge-logs", str(first), str(second), "--out", str(out)]) == 0
+    report = json.loads((out / "step_cost.json").read_text())
+    ratios = {(r["context"], r["variant"]): r["x_plain_step"] for r in report["rows"]}
+    assert ratios[(32768, "tree")] == 2.0 and ratios[(131072, "tree")] == 2.0
+    assert (out / "step_cost.png").exists()
+
+
+def test_compare_reports_divergences_with_the_plain_runs_gap():
+    base = {"token_ids": [[1, 2, 3], [4, 5, 6], [7, 8]],
+            "top2_gap": [[0.5, 0.5, 0.5], [0.9, 0.01, 0.4], [1.0, 1.0]]}
+    spec = {"token_ids": [[1, 2, 3], [4, 9, 6], [7, 8, 9]]}
+    result = compare(base, spec)
+    assert result["exact"] == 1 and result["of"] == 3
+    first, second = result["divergences"]
+    assert (first["request"], first["first_divergence"], first["top2_gap"]) == (1, 1, 0.01)
+    assert second["first_divergence"] is None and second["len"] == (2, 3)
+    assert compare(base, spec, only=[0])["exact"] == 1
