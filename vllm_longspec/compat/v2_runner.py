@@ -289,9 +289,9 @@ def _speculator_class() -> type:
 
         def _bind_tree_verification(self, runner: Any) -> None:
             vllm_api.check_tree_cudagraphs(self.vllm_config)
-            verifier = TreeVerifier(self.vllm_config)
-            verifier.install(always_mask_buffer=True)  # checks the layers' tree backend
-            self._full_graph_masks = verifier._full_graph_masks
+            # checks that the layers attend through the tree backend
+            self._full_graph_masks = TreeVerifier(self.vllm_config).install(
+                always_mask_buffer=True)
             set_active_plan(None)
             self.sampler = runner.sampler
             assert self.tree_slots is not None

@@ -77,11 +77,11 @@ class TreeVerifier:
     _tree_mask_tokens: int = 0  # leading mask rows that may hold trees
 
     # ------------------------------------------------------------------ setup
-    def install(self, always_mask_buffer: bool = False) -> None:
+    def install(self, always_mask_buffer: bool = False) -> FullGraphTreeMasks | None:
         """Checks that every target attention layer attends through LongSpec's tree backend
         (called once the target is loaded) and allocates the uniform batches' mask buffer
-        (`FullGraphTreeMasks`): with full CUDA graphs, or always (Model Runner V2 attends every
-        uniform batch through it, eager ones too)."""
+        (`FullGraphTreeMasks`, returned): with full CUDA graphs, or always (Model Runner V2
+        attends every uniform batch through it, eager ones too)."""
         cache_dtype = str(self.vllm_config.cache_config.cache_dtype)
         layers = vllm_api.target_attention_layers(self.vllm_config)
         for name, layer in layers.items():
@@ -101,6 +101,7 @@ class TreeVerifier:
                 and torch.cuda.is_available():
             self._full_graph_masks = self._allocate_full_graph_masks()
             set_full_graph_masks(self._full_graph_masks)
+        return self._full_graph_masks
 
     def _allocate_full_graph_masks(self) -> FullGraphTreeMasks:
         from vllm_longspec_kernels import tree_mask_from_parents, tree_mask_num_words
