@@ -250,7 +250,6 @@ def _speculator_class() -> type:
             self.tree_slots = (TreeSlots(self.max_num_reqs, self.config.level_widths, device)
                                if self.config.is_tree else None)
             self.tree_sampler: TreeRejectionSampler | None = None
-            self.sampler: Any = None
             self._full_graph_masks: Any = None
             self._compactor: KVPathCompactor | None = None
 
@@ -293,7 +292,6 @@ def _speculator_class() -> type:
             self._full_graph_masks = TreeVerifier(self.vllm_config).install(
                 always_mask_buffer=True)
             set_active_plan(None)
-            self.sampler = runner.sampler
             assert self.tree_slots is not None
             self.tree_sampler = TreeRejectionSampler(runner.sampler, runner.rejection_sampler,
                                                      self.tree_slots)
@@ -340,7 +338,9 @@ def _speculator_class() -> type:
             if input_batch.has_structured_output_reqs:
                 ok = np.zeros(num_reqs, dtype=bool)
             else:
-                ok = ~tree_ineligible_slots(self.sampler, input_batch.idx_mapping_np[:num_reqs])
+                assert self.tree_sampler is not None
+                ok = ~tree_ineligible_slots(self.tree_sampler.sampler,
+                                            input_batch.idx_mapping_np[:num_reqs])
             return torch.from_numpy(ok).pin_memory().to(self.device, non_blocking=True)
 
         # -------------------------------------------------------------- drafting

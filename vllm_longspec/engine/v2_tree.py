@@ -161,7 +161,9 @@ def prepare_tree_step(layout: StepLayout, slots: TreeSlots, positions: torch.Ten
     device = positions.device
     counts = layout.num_drafts[rows].astype(np.int64) + 1
     starts = layout.query_start[rows].astype(np.int64)
-    local = np.concatenate([np.arange(c) for c in counts]) if rows.size else np.zeros(0, int)
+    # each tree token's index within its row (one vectorised pass, no per-row loop)
+    row_start = np.repeat(np.cumsum(counts) - counts, counts)
+    local = np.arange(int(counts.sum())) - row_start
     token_index = np.repeat(starts, counts) + local
     source = np.repeat(layout.slots[rows].astype(np.int64) * n, counts) + local
     if uniform:
