@@ -25,6 +25,8 @@ import shutil
 import time
 from typing import Any, Callable
 
+from vllm_longspec.config import DRAFT_WEIGHT_DTYPES
+
 from .model_shapes import shape_folder, untrained_draft
 
 # (module, attribute path, phase name). Missing ones (another vLLM version, the other runner)
@@ -54,7 +56,12 @@ PHASES: list[tuple[str, str, str]] = [
     ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner.prepare_inputs", "v2.prepare_inputs"),
     ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner.sample_tokens", "v2.sample_tokens"),
     ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner.sample", "v2.sample"),
+    ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner.prepare_attn", "v2.prepare_attn"),
     ("vllm_longspec.engine.device_proposer", "DeviceProposer.propose", "ls.v2_propose"),
+    ("vllm_longspec.engine.v2_tree", "TreeSlots.record", "ls.v2_tree_record"),
+    ("vllm_longspec.engine.v2_tree", "prepare_tree_step", "ls.v2_prepare_tree_step"),
+    ("vllm_longspec.compat.v2_tree_sampler", "TreeRejectionSampler.__call__", "ls.v2_tree_accept"),
+    ("vllm_longspec.engine.tree_step", "KVPathCompactor.__call__", "ls.kv_compact"),
     ("vllm_longspec.draft.model", "LongSpecDraftLayer.forward", "ls.draft_layer"),
     ("vllm_longspec.engine.drafter", "attend_paged_prefix", "ls.draft_cross_attention"),
     ("vllm_longspec.engine.drafter", "grouped_ring_self_attention", "ls.draft_self_attention"),
@@ -135,6 +142,58 @@ def top_ops(events: Any, steps: int, limit: int = 30) -> list[dict[str, Any]]:
     return [{"op": name, **{k: v / steps for k, v in row.items()}} for name, row in ranked]
 
 
+KERNEL_FAMILIES: list[tuple[str, tuple[str, ...]]] = [
+    ("attention: FlashAttention", ("flash", "flashattn", "fmha")),
+    ("attention: LSE merge", ("merge_attn", "merge")),
+    ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "gemv", "splitk")),
+    ("top-k / sort", ("topk", "sort", "radix", "gathertopk")),
+    ("triton", ("triton", "_kernel")),
+    ("elementwise / reduce", ("elementwise", "reduce", "vectorized", "copy", "fill", "index",
+                              "scatter", "gather", "cat")),
+]
+
+
+def kernel_family(name: str) -> str:
+    lowered = name.lower()
+    for family, needles in KERNEL_FAMILIES:
+        if any(needle in lowered for needle in needles):
+            return family
+    return "other"
+
+
+def kernel_table(trace: dict[str, Any], steps: int, limit: int = 40) -> dict[str, Any]:
+    """GPU kernels per step from a chrome trace: by name and by family, plus the GPU's busy time
+    against the span it was busy in (the gaps are where the GPU waited for the host).
+
+    The trace holds every kernel, including those replayed from CUDA graphs, which the
+    profiler's event tree does not attribute to any CPU op."""
+    kernels = [e for e in trace.get("traceEvents", [])
+               if e.get("cat") == "kernel" and "dur" in e]
+    if not kernels:
+        return {"kernels": [], "families": [], "busy_ms": 0.0, "span_ms": 0.0}
+    by_name: dict[str, list[float]] = {}
+    for event in kernels:
+        row = by_name.setdefault(event["name"], [0, 0.0])
+        row[0] += 1
+        row[1] += event["dur"] / 1e3
+    families: dict[str, list[float]] = {}
+    for name, (count, ms) in by_name.items():
+        row = families.setdefault(kernel_family(name), [0, 0.0])
+        row[0] += count
+        row[1] += ms
+    start = min(e["ts"] for e in kernels)
+    end = max(e["ts"] + e["dur"] for e in kernels)
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:limit]
+    return {
+        "kernels": [{"kernel": name, "count": c / steps, "gpu_ms": ms / steps}
+                    for name, (c, ms) in ranked],
+        "families": [{"family": name, "count": c / steps, "gpu_ms": ms / steps}
+                     for name, (c, ms) in sorted(families.items(), key=lambda kv: -kv[1][1])],
+        "busy_ms": sum(e["dur"] for e in kernels) / 1e3 / steps,
+        "span_ms": (end - start) / 1e3 / steps,
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -163,6 +222,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         options: dict[str, Any] = {"tree_widths": widths} if args.variant == "tree" else {}
         if args.draft_vocab_size:
             options["draft_vocab_size"] = args.draft_vocab_size
+        if args.draft_weight_dtype != "auto":
+            options["draft_weight_dtype"] = args.draft_weight_dtype
         kwargs["additional_config"] = {"longspec": options}
     llm = LLM(**kwargs)
     engine = llm.llm_engine
@@ -207,6 +268,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     events = prof.events()
     trace = os.path.join(args.out, f"trace_{args.variant}.json")
     prof.export_chrome_trace(trace)
+    with open(trace) as f:
+        kernels = kernel_table(json.load(f), steps)
     with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
         shutil.copyfileobj(src, dst)
     os.remove(trace)
@@ -220,7 +283,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "profiled_step_ms": sum(profiled_times) / steps * 1e3,
             "gpu_kernel_ms_per_step": gpu_busy,
             "mean_acceptance_length": counters.get("mean_acceptance_length"),
-            "phases": summarize(events, phases, steps), "top_ops": top_ops(events, steps)}
+            "phases": summarize(events, phases, steps), "top_ops": top_ops(events, steps),
+            "gpu_kernels": kernels}
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -237,6 +301,16 @@ def print_report(report: dict[str, Any]) -> None:
     for row in report["top_ops"]:
         print(f"{row['op'][:44]:<44} {row['count']:>7.1f} {row['self_host_ms']:>8.3f} "
               f"{row['gpu_ms']:>8.3f}")
+    kernels = report.get("gpu_kernels")
+    if kernels and kernels["kernels"]:
+        print(f"\nGPU kernels (chrome trace, CUDA graphs included): busy {kernels['busy_ms']:.2f} ms "
+              f"in a span of {kernels['span_ms']:.2f} ms per step")
+        print(f"{'family':<44} {'count':>7} {'GPU ms':>8}")
+        for row in kernels["families"]:
+            print(f"{row['family']:<44} {row['count']:>7.1f} {row['gpu_ms']:>8.3f}")
+        print(f"\n{'kernel':<90} {'count':>7} {'GPU ms':>8}")
+        for row in kernels["kernels"]:
+            print(f"{row['kernel'][:90]:<90} {row['count']:>7.1f} {row['gpu_ms']:>8.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=4, help="chain length")
     parser.add_argument("--draft-vocab-size", type=int, default=None,
                         help="draft over this many tokens (LongSpec's draft_vocab_size)")
+    parser.add_argument("--draft-weight-dtype", default="auto", choices=DRAFT_WEIGHT_DTYPES,
+                        help="LongSpec's draft_weight_dtype")
     parser.add_argument("--steps", type=int, default=32, help="timed steps (no profiler)")
     parser.add_argument("--profile-steps", type=int, default=8)
     parser.add_argument("--dtype", default="bfloat16")

@@ -53,8 +53,9 @@ __all__ = [
 KVLayout = Literal["flash", "cpu", "separate"]
 KVCacheEntry = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 
-# Largest [tokens x head_dim] tile one program holds in registers (elements).
-_TILE_ELEMS = 8192
+# Largest [tokens x head_dim] tile one program holds in registers (elements), with 4 warps.
+# 8 warps on an 8192-element int16 tile ran 40x slower on an H200 (1.2 ms against 28 us).
+_TILE_ELEMS = 4096
 _MAX_TOKENS = 8192
 
 
@@ -175,14 +176,16 @@ def _compact_kv_kernel(
     src = tl.load(src_ptr + t, mask=t_ok, other=-1).to(tl.int64)
     dst = tl.load(dst_ptr + t, mask=t_ok, other=-1).to(tl.int64)
     ok = t_ok & (src >= 0) & (dst >= 0)
-    src_off = (src // block_size) * s_block + (src % block_size) * s_tok + head * s_head
-    dst_off = (dst // block_size) * s_block + (dst % block_size) * s_tok + head * s_head
-    m = ok[:, None] & d_ok[None, :]
-    x = tl.load(base + src_off[:, None] + d[None, :], mask=m)
-    # All reads of this (layer, K/V, head, d-range) slice happen before any write: programs touch
-    # disjoint memory, so this makes the whole copy gather-then-scatter.
-    tl.debug_barrier()
-    tl.store(base + dst_off[:, None] + d[None, :], x, mask=m)
+    # The V2 runner's fixed-size calls are mostly (often entirely) skipped entries.
+    if tl.max(ok.to(tl.int32), axis=0) > 0:
+        src_off = (src // block_size) * s_block + (src % block_size) * s_tok + head * s_head
+        dst_off = (dst // block_size) * s_block + (dst % block_size) * s_tok + head * s_head
+        m = ok[:, None] & d_ok[None, :]
+        x = tl.load(base + src_off[:, None] + d[None, :], mask=m)
+        # All reads of this (layer, K/V, head, d-range) slice happen before any write: programs
+        # touch disjoint memory, so this makes the whole copy gather-then-scatter.
+        tl.debug_barrier()
+        tl.store(base + dst_off[:, None] + d[None, :], x, mask=m)
 
 
 def compact_kv_caches(
@@ -226,7 +229,7 @@ def compact_kv_caches(
     _compact_kv_kernel[grid](
         table.table, src_slots, dst_slots, n, table.block_size,
         NUM_KV_HEADS=table.num_kv_heads, HEAD_SIZE=table.head_size, ELEM_BYTES=table.elem_bytes,
-        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4 if block_t * block_d <= 4096 else 8,
+        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
     )
 
 

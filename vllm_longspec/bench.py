@@ -10,6 +10,7 @@ BENCHMARKS = {
     "tree-attention": "bench_tree_attention",
     "step-cost": "bench_step_cost",
     "drafting": "bench_drafting",
+    "kv-compaction": "bench_kv_compaction",
     "reliability": "reliability",
     "e2e": "bench_e2e",
 }

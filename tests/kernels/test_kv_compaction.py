@@ -98,6 +98,24 @@ def test_chain_compaction_all_layers(kit, layout, dtype):
     assert torch.equal(flat(caches), flat(expected))
 
 
+def test_fixed_size_calls_mostly_skipped(kit):
+    # The V2 runner's calls: requests x depth entries, most (or all) -1. The all-skipped call
+    # must leave every byte alone; a long call whose only live entries sit at its end (its tile
+    # splits the head dim across programs) must still copy them.
+    nb, h, bs, d = 8, 2, 16, 64
+    caches = make_caches(kit, "flash_nhd", 2, nb, h, bs, d, torch.bfloat16)
+    before = flat(caches).clone()
+    skipped = torch.full((40,), -1, dtype=torch.int64, device=kit.device)
+    compact_kv_caches(caches, skipped, skipped.clone(), layout="flash")
+    assert torch.equal(flat(caches), before)
+    src, dst = [-1] * 300, [-1] * 300
+    src[-3:], dst[-3:] = [70, 71, 90], [64, 65, 66]
+    expected = expected_after(caches, "flash_nhd", src, dst, bs, d)
+    compact_kv_caches(caches, torch.tensor(src, device=kit.device),
+                      torch.tensor(dst, device=kit.device), layout="flash")
+    assert torch.equal(flat(caches), flat(expected))
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_reference_agrees(kit, layout):
     layers, nb, h, bs, d = 2, 6, 3, 16, 64

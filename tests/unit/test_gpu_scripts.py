@@ -41,3 +41,50 @@ def test_compare_reports_divergences_with_the_plain_runs_gap():
     assert (first["request"], first["first_divergence"], first["top2_gap"]) == (1, 1, 0.01)
     assert second["first_divergence"] is None and second["len"] == (2, 3)
     assert compare(base, spec, only=[0])["exact"] == 1
+
+
+def test_profile_kernel_table_counts_graph_kernels_per_step_and_families():
+    from vllm_longspec_benchmarks.profile_step import kernel_family, kernel_table
+
+    trace = {"traceEvents": [
+        {"cat": "kernel", "name": "nvjet_sm90_tst_128x8", "ts": 0.0, "dur": 10.0},
+        {"cat": "kernel", "name": "flash::FlashAttnFwdSm90", "ts": 10.0, "dur": 30.0},
+        {"cat": "kernel", "name": "_compact_kv_kernel", "ts": 100.0, "dur": 50.0},
+        {"cat": "kernel", "name": "nvjet_sm90_tst_128x8", "ts": 150.0, "dur": 10.0},
+        {"cat": "cpu_op", "name": "aten::mm", "ts": 0.0, "dur": 500.0},  # not a kernel
+    ]}
+    table = kernel_table(trace, steps=2)
+    assert table["busy_ms"] == 0.05 and table["span_ms"] == 0.08
+    top = table["kernels"][0]
+    assert top["kernel"] == "_compact_kv_kernel" and top["gpu_ms"] == 0.025
+    gemm = next(r for r in table["kernels"] if r["kernel"].startswith("nvjet"))
+    assert gemm["count"] == 1.0 and gemm["gpu_ms"] == 0.01
+    families = {r["family"]: r["gpu_ms"] for r in table["families"]}
+    assert families["GEMM"] == 0.01 and families["attention: FlashAttention"] == 0.015
+    assert kernel_family("void at::native::sbtopk::gatherTopK") == "top-k / sort"
+    assert kernel_table({"traceEvents": []}, steps=1)["kernels"] == []
+
+
+def test_kv_compaction_bench_pairs_move_to_unique_destinations():
+    import torch
+
+    from vllm_longspec_benchmarks.bench_kv_compaction import make_pairs
+
+    generator = torch.Generator().manual_seed(0)
+    for entries, moving in [(5, 0), (5, 5), (68, 5), (544, 40), (3, 1)]:
+        src, dst = make_pairs(entries, moving, 4096, generator, "cpu")
+        live = src >= 0
+        assert src.shape == dst.shape == (entries,)
+        assert int(live.sum()) == moving and torch.equal(live, dst >= 0)
+        assert len(set(dst[live].tolist())) == moving
+        if moving > 1:  # one source is another entry's destination (gather-then-scatter)
+            assert set(src[live].tolist()) & set(dst[live].tolist())
+
+
+def test_every_registered_benchmark_module_exists():
+    import importlib
+
+    from vllm_longspec.bench import BENCHMARKS
+
+    for name, module in BENCHMARKS.items():
+        assert callable(importlib.import_module(f"vllm_longspec_benchmarks.{module}").main), name

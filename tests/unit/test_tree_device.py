@@ -245,3 +245,25 @@ def test_select_rows_and_compaction_pairs():
     # row 0: node 2 -> depth 1, node 5 -> depth 2; row 1 is already a chain; rows 2, 3 none
     assert pairs == [(1020, 1010), (1050, 1020)]
     assert src.shape == (4 * 3,) and bool(((src < 0) == (dst < 0)).all())
+    # Only depths up to the tree's can move: a shallower bound drops exactly the deeper pairs.
+    src2, dst2 = compaction_pairs(path, num_sampled, query_start, slot_mapping, max_depth=1)
+    pairs2 = [(s, d) for s, d in zip(src2.tolist(), dst2.tolist()) if s >= 0]
+    assert pairs2 == [(1020, 1010)] and src2.shape == (4 * 1,)
+
+
+def test_compactor_warm_up_covers_every_call_size_of_the_v2_runner():
+    from vllm_longspec.engine.tree_step import KVPathCompactor
+
+    calls = []
+
+    class Recording(KVPathCompactor):
+        def __call__(self, src, dst):
+            assert bool((src < 0).all()) and bool((dst < 0).all())  # moves nothing
+            calls.append(src.shape[0])
+
+    compactor = object.__new__(Recording)
+    compactor.warm_up(5, 12, torch.device("cpu"))
+    assert calls == [5, 10, 20, 40, 60]
+    # the tile is the next power of two of the size: every size 1..12 requests shares one
+    tile = [max(16, 1 << (n - 1).bit_length()) for n in calls]
+    assert {max(16, 1 << (5 * r - 1).bit_length()) for r in range(1, 13)} == set(tile)

@@ -287,7 +287,8 @@ def select_rows(greedy: torch.Tensor, a: DeviceTreeAcceptance,
 
 # --------------------------------------------------------------------------- KV compaction
 def compaction_pairs(path: torch.Tensor, num_sampled: torch.Tensor, query_start: torch.Tensor,
-                     slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                     slot_mapping: torch.Tensor, max_depth: int | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cache slots that move each accepted path next to its root, fixed-size.
 
     Node i of row r sat in slot ``slot_mapping[query_start[r] + i]`` (vLLM laid the tree out
@@ -298,11 +299,14 @@ def compaction_pairs(path: torch.Tensor, num_sampled: torch.Tensor, query_start:
         num_sampled: [R] accepted drafts + 1 (0: the row produced nothing).
         query_start: [R] int64 first token of each row in the step's input.
         slot_mapping: [num_tokens] the step's cache slot of every input token.
+        max_depth: the deepest node that can sit off its chain position (the tree's depth;
+            chain rows never move). Default: D.
     Returns:
-        (src, dst): [R * D] int64 each, -1 where nothing moves (``compact_kv_caches`` skips
-        those).
+        (src, dst): [R * max_depth] int64 each, -1 where nothing moves (``compact_kv_caches``
+        skips those).
     """
-    depth = path.shape[1] - 1
+    depth = path.shape[1] - 1 if max_depth is None else min(max_depth, path.shape[1] - 1)
+    path = path[:, :depth + 1]
     d = torch.arange(1, depth + 1, device=path.device)
     node = path[:, 1:]                                                        # [R, D]
     moves = (d < num_sampled.unsqueeze(1)) & (node >= 0) & (node != d)

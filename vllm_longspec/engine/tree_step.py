@@ -50,6 +50,20 @@ class KVPathCompactor:
             for layer in vllm_api.target_attention_layers(vllm_config).values()]
         self._table: Any = None
 
+    def warm_up(self, entries_per_request: int, max_requests: int, device: torch.device) -> None:
+        """Compiles the kernel for every call size the V2 runner can make (its tile follows the
+        next power of two of ``requests x entries_per_request``) with calls that move nothing,
+        so that no tree step pays a Triton compilation."""
+        sizes, requests = [], 1
+        while True:
+            sizes.append(min(requests, max_requests) * entries_per_request)
+            if requests >= max_requests:
+                break
+            requests *= 2
+        for size in sizes:
+            skipped = torch.full((size,), -1, dtype=torch.int64, device=device)
+            self(skipped, skipped)
+
     def __call__(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         from vllm_longspec_kernels import (build_kv_cache_table, compact_kv_caches,
                                            compact_kv_caches_ref)
