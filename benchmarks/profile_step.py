@@ -194,6 +194,52 @@ def kernel_table(trace: dict[str, Any], steps: int, limit: int = 40) -> dict[str
     }
 
 
+def phase_kernel_time(trace: dict[str, Any], steps: int) -> list[dict[str, Any]]:
+    """GPU kernel ms per step of each phase, every kernel attributed through its launch (the
+    runtime call with the same correlation id) to the phase ranges around that launch: CUDA-graph
+    replays count for the phase that replayed them. ``exclusive_ms``: kernels whose innermost
+    phase it is; ``inclusive_ms``: also those of nested phases. Kernels launched outside every
+    phase are reported as ``(outside phases)``."""
+    events = trace.get("traceEvents", [])
+    ranges: dict[Any, list[dict[str, Any]]] = {}
+    calls: dict[str, int] = {}
+    for e in events:
+        if e.get("cat") == "user_annotation" and "dur" in e:
+            ranges.setdefault(e["tid"], []).append(e)
+            calls[e["name"]] = calls.get(e["name"], 0) + 1
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver")
+                and "correlation" in e.get("args", {})}
+    table: dict[str, dict[str, float]] = {}
+
+    def row(name: str) -> dict[str, float]:
+        return table.setdefault(name, {"inclusive_ms": 0.0, "exclusive_ms": 0.0, "kernels": 0})
+
+    for kernel in events:
+        if kernel.get("cat") != "kernel" or "dur" not in kernel:
+            continue
+        ms = kernel["dur"] / 1e3
+        launch = launches.get(kernel.get("args", {}).get("correlation"))
+        around = [] if launch is None else [
+            r for r in ranges.get(launch["tid"], [])
+            if r["ts"] <= launch["ts"] <= r["ts"] + r["dur"]]
+        if not around:
+            inner = row("(outside phases)")
+            inner["inclusive_ms"] += ms
+            inner["exclusive_ms"] += ms
+            inner["kernels"] += 1
+            continue
+        innermost = min(around, key=lambda r: r["dur"])
+        for r in around:
+            row(r["name"])["inclusive_ms"] += ms
+        row(innermost["name"])["exclusive_ms"] += ms
+        row(innermost["name"])["kernels"] += 1
+    return [{"phase": name, **{k: v / steps for k, v in values.items()},
+             "calls": calls.get(name, 0) / steps,
+             "inclusive_ms_per_call": values["inclusive_ms"] / max(1, calls.get(name, 0))}
+            for name, values in sorted(table.items(), key=lambda kv: -kv[1]["inclusive_ms"])]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -269,7 +315,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     trace = os.path.join(args.out, f"trace_{args.variant}.json")
     prof.export_chrome_trace(trace)
     with open(trace) as f:
-        kernels = kernel_table(json.load(f), steps)
+        chrome = json.load(f)
+    kernels = kernel_table(chrome, steps)
+    kernels["by_phase"] = phase_kernel_time(chrome, steps)
+    del chrome
     with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
         shutil.copyfileobj(src, dst)
     os.remove(trace)
@@ -301,16 +350,36 @@ def print_report(report: dict[str, Any]) -> None:
     for row in report["top_ops"]:
         print(f"{row['op'][:44]:<44} {row['count']:>7.1f} {row['self_host_ms']:>8.3f} "
               f"{row['gpu_ms']:>8.3f}")
-    kernels = report.get("gpu_kernels")
-    if kernels and kernels["kernels"]:
+    if report.get("gpu_kernels"):
+        print_kernels(report["gpu_kernels"])
+
+
+def print_kernels(kernels: dict[str, Any]) -> None:
+    """The tables of ``kernel_table`` (+ ``by_phase``)."""
+    if kernels["kernels"]:
         print(f"\nGPU kernels (chrome trace, CUDA graphs included): busy {kernels['busy_ms']:.2f} ms "
               f"in a span of {kernels['span_ms']:.2f} ms per step")
         print(f"{'family':<44} {'count':>7} {'GPU ms':>8}")
         for row in kernels["families"]:
             print(f"{row['family']:<44} {row['count']:>7.1f} {row['gpu_ms']:>8.3f}")
+        print(f"\n{'GPU time by launching phase, per step':<40} {'incl ms':>8} {'excl ms':>8} "
+              f"{'kernels':>8} {'calls':>6} {'incl ms/call':>13}")
+        for row in kernels.get("by_phase", []):
+            print(f"{row['phase']:<40} {row['inclusive_ms']:>8.3f} {row['exclusive_ms']:>8.3f} "
+                  f"{row['kernels']:>8.1f} {row['calls']:>6.2f} "
+                  f"{row['inclusive_ms_per_call']:>13.3f}")
         print(f"\n{'kernel':<90} {'count':>7} {'GPU ms':>8}")
         for row in kernels["kernels"]:
             print(f"{row['kernel'][:90]:<90} {row['count']:>7.1f} {row['gpu_ms']:>8.3f}")
+
+
+def phases_from_trace(path: str, steps: int) -> dict[str, Any]:
+    """The kernel tables of a saved trace (``trace_*.json.gz``) of ``steps`` profiled steps."""
+    with gzip.open(path, "rt") as f:
+        chrome = json.load(f)
+    kernels = kernel_table(chrome, steps)
+    kernels["by_phase"] = phase_kernel_time(chrome, steps)
+    return kernels
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,7 +404,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="vLLM model runner (VLLM_USE_V2_MODEL_RUNNER); auto: vLLM's choice")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--out", default="prof_out")
+    parser.add_argument("--from-trace", default=None, metavar="TRACE_JSON_GZ",
+                        help="no engine: print the kernel tables of a saved trace")
     args = parser.parse_args(argv)
+    if args.from_trace:
+        print(f"== {args.from_trace}, {args.profile_steps} profiled steps")
+        print_kernels(phases_from_trace(args.from_trace, args.profile_steps))
+        return 0
     os.makedirs(args.out, exist_ok=True)
     report = run(args)
     print_report(report)

@@ -88,3 +88,31 @@ def test_every_registered_benchmark_module_exists():
 
     for name, module in BENCHMARKS.items():
         assert callable(importlib.import_module(f"vllm_longspec_benchmarks.{module}").main), name
+
+
+def test_phase_kernel_time_follows_launches_into_nested_phases():
+    from vllm_longspec_benchmarks.profile_step import phase_kernel_time
+
+    def annotation(name, ts, dur, tid=1):
+        return {"cat": "user_annotation", "name": name, "ts": ts, "dur": dur, "tid": tid}
+
+    def launch(correlation, ts, tid=1):
+        return {"cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": ts, "dur": 1,
+                "tid": tid, "args": {"correlation": correlation}}
+
+    def kernel(correlation, dur):  # on the GPU's own timeline, long after its launch
+        return {"cat": "kernel", "name": "k", "ts": 10_000 + correlation, "dur": dur, "tid": 7,
+                "args": {"correlation": correlation}}
+
+    trace = {"traceEvents": [
+        annotation("step", 0, 100), annotation("propose", 50, 30),
+        annotation("step", 200, 100), annotation("propose", 250, 30),
+        launch(1, 10), launch(2, 60), launch(3, 210), launch(4, 260), launch(5, 500),
+        kernel(1, 1000.0), kernel(2, 2000.0), kernel(3, 1000.0), kernel(4, 2000.0),
+        kernel(5, 500.0), kernel(6, 300.0),  # 5: launched outside; 6: no launch recorded
+    ]}
+    rows = {r["phase"]: r for r in phase_kernel_time(trace, steps=2)}
+    assert rows["step"]["inclusive_ms"] == 3.0 and rows["step"]["exclusive_ms"] == 1.0
+    assert rows["propose"]["inclusive_ms"] == 2.0 and rows["propose"]["exclusive_ms"] == 2.0
+    assert rows["propose"]["calls"] == 1.0 and rows["propose"]["inclusive_ms_per_call"] == 2.0
+    assert rows["(outside phases)"]["inclusive_ms"] == 0.4
