@@ -142,14 +142,13 @@ def top_ops(events: Any, steps: int, limit: int = 30) -> list[dict[str, Any]]:
     return [{"op": name, **{k: v / steps for k, v in row.items()}} for name, row in ranked]
 
 
-KERNEL_FAMILIES: list[tuple[str, tuple[str, ...]]] = [
-    ("attention: FlashAttention", ("flash", "flashattn", "fmha")),
-    ("attention: LSE merge", ("merge_attn", "merge")),
+KERNEL_FAMILIES: list[tuple[str, tuple[str, ...]]] = [  # first match wins
+    ("attention: FlashAttention", ("flash", "fmha")),
+    ("attention: LSE merge", ("merge_attn",)),
     ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "gemv", "splitk")),
-    ("top-k / sort", ("topk", "sort", "radix", "gathertopk")),
-    ("triton", ("triton", "_kernel")),
-    ("elementwise / reduce", ("elementwise", "reduce", "vectorized", "copy", "fill", "index",
-                              "scatter", "gather", "cat")),
+    ("top-k / sort", ("topk", "sort", "radix")),
+    ("torch: elementwise, index, reduce", ("at::native",)),
+    ("vLLM CUDA ops: norm, rope, quant, cache write", ("vllm::",)),
 ]
 
 
@@ -158,6 +157,8 @@ def kernel_family(name: str) -> str:
     for family, needles in KERNEL_FAMILIES:
         if any(needle in lowered for needle in needles):
             return family
+    if not lowered.startswith("void ") and "::" not in lowered:
+        return "Triton (LongSpec, vLLM, Inductor)"
     return "other"
 
 
