@@ -15,17 +15,22 @@ import json
 import os
 from typing import Any
 
-# (label, entries, moving entries): the V2 runner's fixed-size calls (requests x tree depth 5)
-# with nothing accepted (an untrained draft) or whole 5-deep paths off their chain slots, and
-# calls 68 deep per request (the deepest chain row; V2 called with that size before).
-CASES: list[tuple[str, int, int]] = [
-    ("1 req x 5, none move", 5, 0),
-    ("1 req x 5, 5 move", 5, 5),
-    ("8 req x 5, 40 move", 40, 40),
-    ("64 req x 5, 320 move", 320, 320),
-    ("1 req x 68, 5 move", 68, 5),
-    ("8 req x 68, 40 move", 544, 40),
+# (label, pattern, entries or requests, moving entries). "random": the V2 runner's fixed-size
+# calls (requests x tree depth 5; or 68 deep, the deepest chain row, as V2 called before) with
+# moves between random slots of the whole cache. "paths": as in the engine, each request's
+# accepted 5-deep path moves next to its root inside the request's own 69 tree slots.
+CASES: list[tuple[str, str, int, int]] = [
+    ("1 req x 5, none move", "random", 5, 0),
+    ("1 req x 5, 5 move", "random", 5, 5),
+    ("8 req x 5, 40 move", "random", 40, 40),
+    ("64 req x 5, 320 move", "random", 320, 320),
+    ("1 req x 68, 5 move", "random", 68, 5),
+    ("8 req x 68, 40 move", "random", 544, 40),
+    ("1 req, path", "paths", 1, 0),
+    ("8 req, paths", "paths", 8, 0),
+    ("64 req, paths", "paths", 64, 0),
 ]
+TREE_NODES, TREE_DEPTH = 69, 5
 
 
 def make_caches(args: argparse.Namespace, device: Any) -> list[Any]:
@@ -55,6 +60,27 @@ def make_pairs(entries: int, moving: int, total_slots: int, generator: Any,
         dst[where] = slots[:moving]
         src[where] = torch.cat([slots[moving + 1:], slots[:1]])  # one source is a destination
     return src.to(device), dst.to(device)
+
+
+def make_path_pairs(requests: int, total_slots: int, generator: Any, device: Any
+                    ) -> tuple[Any, Any]:
+    """Fixed-size ``requests x TREE_DEPTH`` pairs as the V2 runner makes them: request r's tree
+    sits in ``TREE_NODES`` consecutive slots of its own; its accepted path (BFS indices rising
+    with depth, node at depth d >= d) moves node d's K/V to the slot of chain position d, -1
+    where a node already sits there."""
+    import torch
+
+    regions = torch.randperm(total_slots // 128, generator=generator)[:requests] * 128
+    src = torch.full((requests, TREE_DEPTH), -1, dtype=torch.int64)
+    dst = torch.full((requests, TREE_DEPTH), -1, dtype=torch.int64)
+    for r in range(requests):
+        nodes = torch.randperm(TREE_NODES - 1, generator=generator)[:TREE_DEPTH] + 1
+        nodes = nodes.sort().values                  # 5 distinct BFS indices, rising
+        depth = torch.arange(1, TREE_DEPTH + 1)
+        moves = nodes != depth
+        src[r, moves] = regions[r] + nodes[moves]
+        dst[r, moves] = regions[r] + depth[moves]
+    return src.reshape(-1).to(device), dst.reshape(-1).to(device)
 
 
 def time_ms(fn: Any, iters: int, graph_reps: int = 0) -> float:
@@ -97,8 +123,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     total_slots = args.num_blocks * args.block_size
     generator = torch.Generator().manual_seed(0)
     rows, ok = [], True
-    for label, entries, moving in tqdm(CASES, desc="compaction cases"):
-        src, dst = make_pairs(entries, moving, total_slots, generator, device)
+    for label, pattern, size, moving in tqdm(CASES, desc="compaction cases"):
+        if pattern == "paths":
+            src, dst = make_path_pairs(size, total_slots, generator, device)
+            entries, moving = src.shape[0], int((src >= 0).sum())
+        else:
+            src, dst = make_pairs(size, moving, total_slots, generator, device)
+            entries = size
         # correctness on two layers' copies (the reference is slow on all of them)
         few = [c.clone() for c in caches[:2]]
         expected = [c.clone() for c in few]
@@ -111,7 +142,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         gpu_ms = time_ms(call, args.iters, graph_reps=20)
         eager_ms = time_ms(call, args.iters)
         moved_bytes = moving * args.layers * 2 * args.kv_heads * args.head_size * 2 * 2
-        rows.append({"case": label, "entries": entries, "moving": moving,
+        rows.append({"case": label, "pattern": pattern, "entries": entries, "moving": moving,
                      "kernel_us": gpu_ms * 1e3, "eager_call_us": eager_ms * 1e3,
                      "moved_MB": moved_bytes / 1e6, "correct": correct})
     return {"layers": args.layers, "kv_heads": args.kv_heads, "head_size": args.head_size,

@@ -120,3 +120,22 @@ def test_phase_kernel_time_follows_launches_into_nested_phases():
     assert rows["propose"]["inclusive_ms"] == 2.0 and rows["propose"]["exclusive_ms"] == 2.0
     assert rows["propose"]["calls"] == 1.0 and rows["propose"]["inclusive_ms_per_call"] == 2.0
     assert rows["(outside phases)"]["inclusive_ms"] == 0.4
+
+
+def test_kv_compaction_bench_paths_move_within_each_request_like_the_engine():
+    import torch
+
+    from vllm_longspec_benchmarks.bench_kv_compaction import (TREE_DEPTH, TREE_NODES,
+                                                             make_path_pairs)
+
+    src, dst = make_path_pairs(8, 1 << 14, torch.Generator().manual_seed(1), "cpu")
+    assert src.shape == dst.shape == (8 * TREE_DEPTH,)
+    live = src >= 0
+    assert torch.equal(live, dst >= 0) and int(live.sum()) > 0
+    assert len(set(dst[live].tolist())) == int(live.sum())
+    # every move goes back towards the root, inside one request's tree slots
+    assert bool((src[live] > dst[live]).all())
+    assert bool(((src[live] // 128) == (dst[live] // 128)).all())
+    assert bool((src[live] % 128 < TREE_NODES).all())
+    depth = torch.arange(1, TREE_DEPTH + 1).repeat(8)
+    assert torch.equal(dst[live] % 128, depth[live])
