@@ -315,14 +315,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     events = prof.events()
     trace = os.path.join(args.out, f"trace_{args.variant}.json")
     prof.export_chrome_trace(trace)
-    with open(trace) as f:
-        chrome = json.load(f)
-    kernels = kernel_table(chrome, steps)
-    kernels["by_phase"] = phase_kernel_time(chrome, steps)
-    del chrome
     with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
         shutil.copyfileobj(src, dst)
     os.remove(trace)
+    kernels = trace_kernel_tables(trace + ".gz", steps)
     gpu_busy = sum(e.self_device_time_total for e in events
                    if e.device_type.name == "CPU") / 1e3 / steps
     timed = sorted(plain_times)
@@ -374,8 +370,9 @@ def print_kernels(kernels: dict[str, Any]) -> None:
             print(f"{row['kernel'][:90]:<90} {row['count']:>7.1f} {row['gpu_ms']:>8.3f}")
 
 
-def phases_from_trace(path: str, steps: int) -> dict[str, Any]:
-    """The kernel tables of a saved trace (``trace_*.json.gz``) of ``steps`` profiled steps."""
+def trace_kernel_tables(path: str, steps: int) -> dict[str, Any]:
+    """`kernel_table` of a saved trace (``trace_*.json.gz``) of ``steps`` profiled steps, with
+    `phase_kernel_time` as ``by_phase``."""
     with gzip.open(path, "rt") as f:
         chrome = json.load(f)
     kernels = kernel_table(chrome, steps)
@@ -410,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.from_trace:
         print(f"== {args.from_trace}, {args.profile_steps} profiled steps")
-        print_kernels(phases_from_trace(args.from_trace, args.profile_steps))
+        print_kernels(trace_kernel_tables(args.from_trace, args.profile_steps))
         return 0
     os.makedirs(args.out, exist_ok=True)
     report = run(args)

@@ -297,8 +297,7 @@ def _speculator_class() -> type:
                                                      self.tree_slots)
             runner.rejection_sampler = self.tree_sampler
             self._compactor = KVPathCompactor(self.vllm_config)
-            self._compactor.warm_up(len(self.config.level_widths), self.max_num_reqs,
-                                    self.device)
+            self._compactor.warm_up(self.tree_slots.depth, self.max_num_reqs, self.device)
 
         def capture(self) -> None:
             assert self.device_proposer is not None
@@ -331,9 +330,10 @@ def _speculator_class() -> type:
             num_reqs = input_batch.num_reqs
             slot_mapping = slot_mappings[self.drafter.target_last_layer_name]
             # Chain rows (history-dependent sampling) never move: only tree depths can.
+            assert self.tree_slots is not None
             src, dst = compaction_pairs(last.path[:num_reqs], num_sampled[:num_reqs],
                                         input_batch.query_start_loc[:num_reqs], slot_mapping,
-                                        max_depth=len(self.config.level_widths))
+                                        max_depth=self.tree_slots.depth)
             self._compactor(src, dst)
 
         def _tree_ok(self, input_batch: Any) -> torch.Tensor:

@@ -54,14 +54,10 @@ class KVPathCompactor:
         """Compiles the kernel for every call size the V2 runner can make (its tile follows the
         next power of two of ``requests x entries_per_request``) with calls that move nothing,
         so that no tree step pays a Triton compilation."""
-        sizes, requests = [], 1
-        while True:
-            sizes.append(min(requests, max_requests) * entries_per_request)
-            if requests >= max_requests:
-                break
-            requests *= 2
-        for size in sizes:
-            skipped = torch.full((size,), -1, dtype=torch.int64, device=device)
+        powers_of_two = [1 << i for i in range((max_requests - 1).bit_length())]
+        for requests in powers_of_two + [max_requests]:
+            skipped = torch.full((requests * entries_per_request,), -1, dtype=torch.int64,
+                                 device=device)
             self(skipped, skipped)
 
     def __call__(self, src: torch.Tensor, dst: torch.Tensor) -> None:
