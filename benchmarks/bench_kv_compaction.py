@@ -28,7 +28,10 @@ CASES: list[tuple[str, str, int, int]] = [
     ("8 req x 68, 40 move", "random", 544, 40),
     ("1 req, path", "paths", 1, 0),
     ("8 req, paths", "paths", 8, 0),
+    ("16 req, paths", "paths", 16, 0),
+    ("32 req, paths", "paths", 32, 0),
     ("64 req, paths", "paths", 64, 0),
+    ("256 req, paths", "paths", 256, 0),
 ]
 TREE_NODES, TREE_DEPTH = 69, 5
 

@@ -53,11 +53,13 @@ __all__ = [
 KVLayout = Literal["flash", "cpu", "separate"]
 KVCacheEntry = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 
-# Largest [tokens x head_dim] tile one program holds in registers (elements), with 4 warps;
-# calls of more than _TILE_ELEMS entries (up to _MAX_TOKENS) get one column of their head dim
-# per program, a tile of up to _MAX_TOKENS elements. 8 warps on an 8192-element int16 tile
-# ran 40x slower on an H200 (1.2 ms against 28 us).
-_TILE_ELEMS = 4096
+# Tiles of the compaction kernel, from an H200 sweep (benchmarks/results/h200-2026-12-04c): the
+# kernel copies rows in the widest unit the caches allow (8 bytes for bf16 rows of 128) and one
+# program holds all entries x a slice of the row. Up to 32 entries: the whole row, 4 warps; 64-128
+# entries: <= 2048 units, 1 warp; more: <= 8192 units, 4 warps. Other choices ran up to 100x
+# slower (int16 64 x 64 with 4 warps: 528 us for 40 moves against 4.3 us).
+_SMALL_CALL, _MEDIUM_CALL = 32, 128
+_MEDIUM_TILE, _LARGE_TILE = 2048, 8192
 _MAX_TOKENS = 8192
 
 
@@ -97,7 +99,9 @@ class KVCacheTable:
     """Device-side description of a list of per-layer paged caches (see ``build_kv_cache_table``).
 
     ``table`` is int64 (num_layers, 5): K address (bytes), V address (bytes), then block, token and
-    head strides in elements. It holds references to the caches so the addresses stay valid.
+    head strides in copy units of ``unit_bytes`` (the widest of 8/4/2/1 bytes that every address,
+    stride and row length is a multiple of). It holds references to the caches so the addresses
+    stay valid.
     """
 
     table: torch.Tensor
@@ -106,7 +110,13 @@ class KVCacheTable:
     head_size: int
     block_size: int
     elem_bytes: int
+    unit_bytes: int = 0   # the kernel copies in units of this many bytes; table strides count units
     caches: list = field(repr=False, default_factory=list)
+
+    @property
+    def row_units(self) -> int:
+        """Copy units per (token, head) row of K or V."""
+        return self.head_size * self.elem_bytes // self.unit_bytes
 
     @property
     def num_layers(self) -> int:
@@ -138,9 +148,36 @@ def build_kv_cache_table(kv_caches: Sequence[KVCacheEntry], layout: KVLayout) ->
         elif k.shape[1:] != shape[1:] or k.element_size() != elem or k.device != device:
             raise ValueError(f"layer {i}: shape/dtype/device differs from layer 0")
         rows.append([k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), k.stride(2)])
+    unit = _copy_unit(rows, elem, shape[3])
+    for row in rows:
+        row[2:] = [stride * elem // unit for stride in row[2:]]
     table = torch.tensor(rows, dtype=torch.int64, device=device)
     return KVCacheTable(table=table, layout=layout, num_kv_heads=shape[2], head_size=shape[3],
-                        block_size=shape[1], elem_bytes=elem, caches=list(kv_caches))
+                        block_size=shape[1], elem_bytes=elem, unit_bytes=unit,
+                        caches=list(kv_caches))
+
+
+def _copy_unit(rows: list[list[int]], elem_bytes: int, head_size: int) -> int:
+    """Widest copy unit (bytes, a multiple of the element size) dividing every address, every
+    stride in bytes and the row length."""
+    sizes = [head_size * elem_bytes] + [a for r in rows for a in r[:2]] \
+        + [s * elem_bytes for r in rows for s in r[2:]]
+    for unit in (8, 4, 2, 1):
+        if unit % elem_bytes == 0 and all(x % unit == 0 for x in sizes):
+            return unit
+    return elem_bytes
+
+
+def compaction_tile(num_entries: int, row_units: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_D, num_warps) of the compaction kernel for a call of ``num_entries``
+    entries over rows of ``row_units`` copy units (see the tile note at the top of the module)."""
+    block_t = max(16, triton.next_power_of_2(num_entries))
+    row = triton.next_power_of_2(row_units)
+    if block_t <= _SMALL_CALL:
+        return block_t, row, 4
+    if block_t <= _MEDIUM_CALL:
+        return block_t, min(row, max(1, _MEDIUM_TILE // block_t)), 1
+    return block_t, min(row, max(1, _LARGE_TILE // block_t)), 4
 
 
 @triton.jit
@@ -148,8 +185,8 @@ def _compact_kv_kernel(
     table_ptr, src_ptr, dst_ptr,
     num_entries, block_size,
     NUM_KV_HEADS: tl.constexpr,
-    HEAD_SIZE: tl.constexpr,
-    ELEM_BYTES: tl.constexpr,
+    ROW_UNITS: tl.constexpr,   # copy units per (token, head) row
+    UNIT_BYTES: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -157,18 +194,18 @@ def _compact_kv_kernel(
     which = tl.program_id(1) % 2          # 0: K, 1: V
     head = tl.program_id(1) // 2
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_SIZE
+    d_ok = d < ROW_UNITS
 
     row = table_ptr + layer * 5
     addr = tl.load(row + which)
     s_block = tl.load(row + 2)
     s_tok = tl.load(row + 3)
     s_head = tl.load(row + 4)
-    if ELEM_BYTES == 1:
+    if UNIT_BYTES == 1:
         base = addr.to(tl.pointer_type(tl.int8))
-    elif ELEM_BYTES == 2:
+    elif UNIT_BYTES == 2:
         base = addr.to(tl.pointer_type(tl.int16))
-    elif ELEM_BYTES == 4:
+    elif UNIT_BYTES == 4:
         base = addr.to(tl.pointer_type(tl.int32))
     else:
         base = addr.to(tl.pointer_type(tl.int64))
@@ -225,13 +262,12 @@ def compact_kv_caches(
         views = [split_kv_cache(c, table.layout) for c in table.caches]
         _compact_views_torch(views, src_slots, dst_slots, table.block_size)
         return
-    block_t = max(16, triton.next_power_of_2(n))
-    block_d = min(triton.next_power_of_2(table.head_size), max(1, _TILE_ELEMS // block_t))
-    grid = (table.num_layers, 2 * table.num_kv_heads, triton.cdiv(table.head_size, block_d))
+    block_t, block_d, warps = compaction_tile(n, table.row_units)
+    grid = (table.num_layers, 2 * table.num_kv_heads, triton.cdiv(table.row_units, block_d))
     _compact_kv_kernel[grid](
         table.table, src_slots, dst_slots, n, table.block_size,
-        NUM_KV_HEADS=table.num_kv_heads, HEAD_SIZE=table.head_size, ELEM_BYTES=table.elem_bytes,
-        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
+        NUM_KV_HEADS=table.num_kv_heads, ROW_UNITS=table.row_units, UNIT_BYTES=table.unit_bytes,
+        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps,
     )
 
 

@@ -169,3 +169,45 @@ def test_mismatched_layers_rejected(kit):
     b = kit.randn(4, 2, 16, 32)
     with pytest.raises(ValueError):
         build_kv_cache_table([a, b], "flash")
+
+
+@pytest.mark.parametrize("d,dtype,unit", [(32, torch.bfloat16, 8), (34, torch.float16, 4),
+                                          (3, torch.float32, 4), (5, torch.float16, 2)])
+def test_copy_unit_is_the_widest_that_divides_rows_and_strides(kit, d, dtype, unit):
+    # The kernel moves rows in 8/4/2/1-byte units (the widest every address, stride and row length
+    # allows): a wrong unit would copy a partial or a neighbouring row.
+    nb, h, bs = 4, 2, 16
+    caches = make_caches(kit, "flash_nhd", 2, nb, h, bs, d, dtype)
+    table = build_kv_cache_table(caches, "flash")
+    assert table.unit_bytes == unit and table.row_units * unit == d * caches[0].element_size()
+    src, dst = chain_pattern(kit, 0, nb * bs)
+    expected = expected_after(caches, "flash_nhd", src, dst, bs, d)
+    compact_kv_caches(table, torch.tensor(src, device=kit.device),
+                      torch.tensor(dst, device=kit.device))
+    assert torch.equal(flat(caches), flat(expected))
+
+
+def test_misaligned_cache_view_falls_back_to_narrow_units(kit):
+    # A cache starting 2 bytes into its storage cannot be copied in 8-byte units.
+    nb, h, bs, d = 4, 2, 16, 32
+    storage = kit.randn(nb * h * bs * 2 * d + 1).to(torch.float16)
+    cache = storage[1:].view(nb, h, bs, 2 * d)
+    table = build_kv_cache_table([cache], "flash")
+    assert table.unit_bytes == 2
+    src, dst = chain_pattern(kit, 0, nb * bs)
+    expected = expected_after([cache], "flash_hnd", src, dst, bs, d)
+    compact_kv_caches(table, torch.tensor(src, device=kit.device),
+                      torch.tensor(dst, device=kit.device))
+    assert torch.equal(flat([cache]), flat(expected))
+
+
+def test_tiles_follow_the_measured_rule():
+    from vllm_longspec_kernels.kv_compaction import compaction_tile
+
+    assert compaction_tile(5, 32) == (16, 32, 4)          # one request's path: whole rows
+    assert compaction_tile(40, 32) == (64, 32, 1)         # 8 requests: 2048 units, one warp
+    assert compaction_tile(320, 32) == (512, 16, 4)       # 64 requests: 8192 units, 4 warps
+    assert compaction_tile(5000, 32) == (8192, 1, 4)      # one unit column per program
+    for n in (1, 17, 100, 700, 3000):
+        block_t, block_d, warps = compaction_tile(n, 20)
+        assert block_t >= n and block_d <= 32 and block_t * block_d <= 8192 and warps in (1, 4)
