@@ -121,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     parser.add_argument("--draft", default=None, help="default: an untrained draft")
     parser.add_argument("--contexts", default="32768,131072")
-    parser.add_argument("--tree-widths", default="4,16,16,16,16")
+    parser.add_argument("--tree-widths", nargs="+", default=["4,16,16,16,16"],
+                        help="one or more tree shapes, each measured beside the same plain step "
+                             "(e.g. 4,16,16,16,16 4,16,16,16,11)")
     parser.add_argument("--tree-runners", default="v2",
                         help="model runners to verify the tree on (v2, v1 or v2,v1: "
                              "LONGSPEC_TREE_RUNNER)")
@@ -152,19 +154,20 @@ def main(argv: list[str] | None = None) -> int:
     dummy = args.target is None
     target = args.target or shape_folder(args.shape, args.out)
     draft = args.draft or untrained_draft(args.out, target)
-    widths = [int(w) for w in args.tree_widths.split(",")]
     vocab = {"draft_vocab_size": args.draft_vocab_size} if args.draft_vocab_size else {}
     suffix = f", draft vocab {args.draft_vocab_size}" if args.draft_vocab_size else ""
     if args.draft_weight_dtype != "auto":
         vocab["draft_weight_dtype"] = args.draft_weight_dtype
         suffix += f", {args.draft_weight_dtype} draft"
     variants: list[tuple[str, dict | None, dict, dict]] = [("plain", None, {}, {})]
-    for runner in args.tree_runners.split(","):
-        variants.append((f"tree {args.tree_widths}{suffix} ({runner})",
-                         {"method": "longspec", "model": draft,
-                          "num_speculative_tokens": len(widths)},
-                         {"longspec": {"tree_widths": widths, **vocab}},
-                         {"LONGSPEC_TREE_RUNNER": runner}))
+    for shape in args.tree_widths:
+        widths = [int(w) for w in shape.split(",")]
+        for runner in args.tree_runners.split(","):
+            variants.append((f"tree {shape}{suffix} ({runner})",
+                             {"method": "longspec", "model": draft,
+                              "num_speculative_tokens": len(widths)},
+                             {"longspec": {"tree_widths": widths, **vocab}},
+                             {"LONGSPEC_TREE_RUNNER": runner}))
     if args.chain:
         variants.append((f"chain {args.chain}{suffix}", {"method": "longspec", "model": draft,
                                                           "num_speculative_tokens": args.chain},

@@ -70,14 +70,21 @@ class PrefixAttnConfig:
     num_warps: int = 4
     num_stages: int = 3
     num_splits: int = 1
+    block_t: int = 0
+
+    @property
+    def rows_per_program(self) -> int:
+        """Packed rows one program covers: a BLOCK_M tile plus an optional BLOCK_T tail tile."""
+        return self.block_m + self.block_t
 
     @classmethod
     def parse(cls, text: str) -> "PrefixAttnConfig":
-        """``"BLOCK_M,BLOCK_N,NUM_WARPS,NUM_STAGES,NUM_SPLITS"`` (used by the env override)."""
+        """``"BLOCK_M,BLOCK_N,NUM_WARPS,NUM_STAGES,NUM_SPLITS[,BLOCK_T]"`` (the env override)."""
         return cls(*(int(x) for x in text.split(",")))
 
     def short(self) -> str:
-        return (f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}"
+        tail = f"t{self.block_t}" if self.block_t else ""
+        return (f"m{self.block_m}{tail}n{self.block_n}w{self.num_warps}s{self.num_stages}"
                 f"x{self.num_splits}")
 
 
@@ -101,10 +108,12 @@ def default_prefix_attn_config(batch: int, max_seqlen_q: int, max_prefix_len: in
     "M,N,warps,stages,splits"`` overrides.
 
     * block_m: the packed rows per (request, KV head) rounded up to 16/32, else 64 (one
-      warpgroup's wgmma M), 128 with 8 warps from 512 rows on;
+      warpgroup's wgmma M), 128 with 8 warps above 128 rows, plus a 16-row tail tile
+      (``block_t``) where that saves a program;
     * block_n: 128 keys per step for thin tiles (memory-bound: more bytes in flight), 64 for
       64-row tiles (register budget of the fp32 accumulator and scores);
-    * num_splits: enough programs for two per SM (memory-bound decode wants many loads in flight),
+    * num_splits: enough programs for two per SM (memory-bound decode wants many loads in flight;
+      one per SM for the 8-warp tiles),
       at least 4 key tiles per split, then rounded to avoid a mostly-idle last wave.
     """
     env = os.environ.get("LONGSPEC_PREFIX_ATTN_CONFIG")
@@ -117,24 +126,31 @@ def default_prefix_attn_config(batch: int, max_seqlen_q: int, max_prefix_len: in
         return PrefixAttnConfig(block_m=block_m, block_n=32, num_warps=4, num_stages=1,
                                 num_splits=min(4, max(1, max_prefix_len // 64)))
     wide = head_dim > 128 or dtype == torch.float32
-    if rows >= 512 and not wide:
-        # 128 nodes x 4 heads: 128-row tiles, 8 warps (two wgmma warpgroups) won the H100 sweep.
+    block_t = 0
+    if rows > 128 and not wide:
+        # 128-row tiles, 8 warps (two wgmma warpgroups) won the H100 sweep from 128 nodes x 4
+        # heads and the H200 sweep from 64 x 4. A 16-row tail tile is added when it saves a
+        # program per KV head: 69 x 4 = 276 rows run as 2 x (128 + 16) instead of 3 x 128 (2x
+        # faster at 128k on the H200; benchmarks/results/h200-2026-12-04c).
         block_m, block_n, warps, stages = 128, 128, 8, 2
+        if -(-rows // (block_m + 16)) < -(-rows // block_m):
+            block_t = 16
     else:
         block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
         block_n, warps, stages = (64 if (block_m == 64 or wide) else 128), 4, 3
     sms = sms or num_sms()
-    m_tiles = -(-rows // block_m)
+    m_tiles = -(-rows // (block_m + block_t))
     base = max(1, batch * num_kv_heads * m_tiles)
     max_splits = max(1, min(MAX_SPLITS, max_prefix_len // (4 * block_n)))
-    want = -(-2 * sms // base)          # splits for two programs per SM
+    slots = sms if warps == 8 else 2 * sms   # 8-warp 128-row tiles: one program per SM
+    want = -(-slots // base)
     if want <= 1:                       # enough programs already: only even out the last wave
-        splits = _wave_splits(base, 2 * sms, 1, min(max_splits, 2))
+        splits = _wave_splits(base, slots, 1, min(max_splits, 2))
     else:
         lo = min(want, max_splits)
-        splits = _wave_splits(base, 2 * sms, lo, min(max_splits, 2 * lo))
+        splits = _wave_splits(base, slots, lo, min(max_splits, 2 * lo))
     return PrefixAttnConfig(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages,
-                            num_splits=splits)
+                            num_splits=splits, block_t=block_t)
 
 
 def prefix_attn_sweep_configs(base: PrefixAttnConfig) -> list[PrefixAttnConfig]:
@@ -148,6 +164,8 @@ def prefix_attn_sweep_configs(base: PrefixAttnConfig) -> list[PrefixAttnConfig]:
             for s in sorted({max(1, base.num_splits // 2), base.num_splits,
                              min(MAX_SPLITS, base.num_splits * 2)}):
                 out.append(PrefixAttnConfig(bm, bn, w, st, s))
+                if bm >= 64:
+                    out.append(PrefixAttnConfig(bm, bn, w, st, s, block_t=16))
     return list(dict.fromkeys(out))
 
 
@@ -182,6 +200,71 @@ def fa_num_splits_heuristic(batch: int, max_seqlen_q: int, max_prefix_len: int,
 
 
 @triton.jit
+def _scores_step(q, k, col_ok, m_i, l_i, qk_scale_log2, IEEE_DOT: tl.constexpr):
+    """Online-softmax scores of one row tile against one key tile: (p, alpha, m_new, l_new)."""
+    if IEEE_DOT:
+        qk = tl.dot(q, k, input_precision="ieee")
+    else:
+        qk = tl.dot(q, k)
+    qk = tl.where(col_ok[None, :], qk * qk_scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _values_step(p, v, alpha, acc, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """``acc * alpha + p @ v`` with p rounded to v's dtype first (as FlashAttention does)."""
+    p = p.to(v.dtype)
+    if UPCAST_DOT:
+        p = p.to(tl.float32)
+        v = v.to(tl.float32)
+    if IEEE_DOT:
+        pv = tl.dot(p, v, input_precision="ieee")
+    else:
+        pv = tl.dot(p, v)
+    return acc * alpha[:, None] + pv
+
+
+@triton.jit
+def _load_rows(q_ptr, rows, n, start, kv_head, stride_qt, stride_qh, offs_d, d_ok,
+               GQA: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    tok = rows // GQA
+    head = kv_head * GQA + rows % GQA
+    row_ok = tok < n
+    tok_g = (start + tok).to(tl.int64)
+    q = tl.load(q_ptr + tok_g[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+    return q
+
+
+@triton.jit
+def _store_rows(o_ptr, lse_ptr, acc, m_i, l_i, rows, n, start, kv_head, split,
+                stride_ot, stride_oh, stride_os, stride_lt, stride_lh, stride_ls, offs_d, d_ok,
+                GQA: tl.constexpr, PARTIAL: tl.constexpr):
+    tok = rows // GQA
+    head = kv_head * GQA + rows % GQA
+    row_ok = tok < n
+    tok_g = (start + tok).to(tl.int64)
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
+    o_ptrs = o_ptr + tok_g[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+    if PARTIAL:
+        tl.store(o_ptrs + split * stride_os, out, mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(lse_ptr + tok_g * stride_lt + head * stride_lh + split * stride_ls, lse2,
+                 mask=row_ok)
+    else:
+        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(lse_ptr + tok_g * stride_lt + head * stride_lh, lse2 * 0.6931471805599453,
+                 mask=row_ok)
+
+
+@triton.jit
 def _prefix_attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, cu_ptr, o_ptr, lse_ptr,
     qk_scale_log2,  # softmax_scale * log2(e)
@@ -196,6 +279,7 @@ def _prefix_attn_fwd_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    BLOCK_T: tl.constexpr,     # tail rows after the BLOCK_M rows (0 = none), same key tiles
     BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr,
     PARTIAL: tl.constexpr,     # write (normalised out fp32, log2 LSE) per split, else final
@@ -209,7 +293,7 @@ def _prefix_attn_fwd_kernel(
     kv_head = pid_bh % num_kv_heads
     start = tl.load(cu_ptr + req)
     n = tl.load(cu_ptr + req + 1) - start
-    row0 = pid_m * BLOCK_M
+    row0 = pid_m * (BLOCK_M + BLOCK_T)
     if row0 < n * GQA:
         seq_len = tl.load(lens_ptr + req)
         # Key range of this split: whole BLOCK_N tiles, the last split takes the remainder.
@@ -217,21 +301,23 @@ def _prefix_attn_fwd_kernel(
         k_lo = split * per_split
         k_hi = tl.minimum(seq_len, k_lo + per_split)
 
-        rows = row0 + tl.arange(0, BLOCK_M)
-        tok = rows // GQA
-        head = kv_head * GQA + rows % GQA
-        row_ok = tok < n
-        tok_g = (start + tok).to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
-        q = tl.load(q_ptr + tok_g[:, None] * stride_qt + head[:, None] * stride_qh
-                    + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST_DOT:
-            q = q.to(tl.float32)
-
+        rows = row0 + tl.arange(0, BLOCK_M)
+        q = _load_rows(q_ptr, rows, n, start, kv_head, stride_qt, stride_qh, offs_d, d_ok,
+                       GQA, UPCAST_DOT)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        # The tail tile lets a CTA cover e.g. 256 + 32 rows (69 nodes x 4 heads = 276) instead
+        # of padding to the next multiple of BLOCK_M: every key tile is loaded once for both.
+        rows_t = row0 + BLOCK_M + tl.arange(0, BLOCK_T if BLOCK_T > 0 else 16)
+        if BLOCK_T > 0:
+            q_t = _load_rows(q_ptr, rows_t, n, start, kv_head, stride_qt, stride_qh, offs_d,
+                             d_ok, GQA, UPCAST_DOT)
+            m_t = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
+            l_t = tl.zeros([BLOCK_T], dtype=tl.float32)
+            acc_t = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
         bt_row = bt_ptr + req.to(tl.int64) * stride_bt
         k_head = k_ptr + kv_head.to(tl.int64) * stride_kh
         v_head = v_ptr + kv_head.to(tl.int64) * stride_vh
@@ -244,41 +330,23 @@ def _prefix_attn_fwd_kernel(
                         mask=col_ok[None, :] & d_ok[:, None], other=0.0)
             if UPCAST_DOT:
                 k = k.to(tl.float32)
-            if IEEE_DOT:
-                qk = tl.dot(q, k, input_precision="ieee")
-            else:
-                qk = tl.dot(q, k)
-            qk = tl.where(col_ok[None, :], qk * qk_scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+            p, alpha, m_i, l_i = _scores_step(q, k, col_ok, m_i, l_i, qk_scale_log2, IEEE_DOT)
+            if BLOCK_T > 0:
+                p_t, alpha_t, m_t, l_t = _scores_step(q_t, k, col_ok, m_t, l_t, qk_scale_log2,
+                                                      IEEE_DOT)
             v = tl.load(v_head + (page * stride_vb + slot * stride_vs)[:, None] + offs_d[None, :],
                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            p = p.to(v.dtype)
-            if UPCAST_DOT:
-                p = p.to(tl.float32)
-                v = v.to(tl.float32)
-            if IEEE_DOT:
-                pv = tl.dot(p, v, input_precision="ieee")
-            else:
-                pv = tl.dot(p, v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            acc = _values_step(p, v, alpha, acc, IEEE_DOT, UPCAST_DOT)
+            if BLOCK_T > 0:
+                acc_t = _values_step(p_t, v, alpha_t, acc_t, IEEE_DOT, UPCAST_DOT)
 
-        empty = l_i == 0.0
-        l_safe = tl.where(empty, 1.0, l_i)
-        out = acc / l_safe[:, None]
-        lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
-        o_ptrs = o_ptr + tok_g[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
-        if PARTIAL:
-            tl.store(o_ptrs + split * stride_os, out, mask=row_ok[:, None] & d_ok[None, :])
-            tl.store(lse_ptr + tok_g * stride_lt + head * stride_lh + split * stride_ls, lse2,
-                     mask=row_ok)
-        else:
-            tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-            tl.store(lse_ptr + tok_g * stride_lt + head * stride_lh, lse2 * 0.6931471805599453,
-                     mask=row_ok)
+        _store_rows(o_ptr, lse_ptr, acc, m_i, l_i, rows, n, start, kv_head, split,
+                    stride_ot, stride_oh, stride_os, stride_lt, stride_lh, stride_ls, offs_d,
+                    d_ok, GQA, PARTIAL)
+        if BLOCK_T > 0:
+            _store_rows(o_ptr, lse_ptr, acc_t, m_t, l_t, rows_t, n, start, kv_head, split,
+                        stride_ot, stride_oh, stride_os, stride_lt, stride_lh, stride_ls, offs_d,
+                        d_ok, GQA, PARTIAL)
 
 
 @triton.jit
@@ -405,9 +473,10 @@ def paged_prefix_attention(
                                                num_sms(q.device.index or 0))
     splits = max(1, min(cfg.num_splits, MAX_SPLITS))
     rows = max_seqlen_q * gqa
-    grid = (triton.cdiv(rows, cfg.block_m), batch * hk, splits)
+    grid = (triton.cdiv(rows, cfg.rows_per_program), batch * hk, splits)
     consts = dict(GQA=gqa, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE=k_cache.shape[1],
+                  BLOCK_M=cfg.block_m, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
+                  PAGE=k_cache.shape[1],
                   IEEE_DOT=q.dtype == torch.float32,
                   UPCAST_DOT=_interpreting() and q.dtype == torch.bfloat16,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)

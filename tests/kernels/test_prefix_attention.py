@@ -82,12 +82,32 @@ def test_heads_and_dims(kit, hq, hk, d):
     check(kit, args, out, lse, torch.float16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_m,block_t", [(16, 16), (32, 16)])
+def test_tail_rows(kit, dtype, block_m, block_t):
+    # A program covers block_m + block_t packed rows, both tiles fed by the same key tiles:
+    # requests whose rows end inside the main tile, inside the tail, or span several programs.
+    gqa = 4
+    sizes = [kit.randint(1, 3), block_m // gqa + 1, kit.randint(9, 17), 1]
+    args = make_paged(kit, [kit.randint(1, 90) for _ in sizes], sizes, 2 * gqa, 2, 64, dtype,
+                      "flash", pad_rows=2)
+    out = torch.full_like(args["q"], float("nan"))
+    cfg = PrefixAttnConfig(block_m=block_m, block_n=16, num_warps=4, num_stages=1,
+                           num_splits=kit.randint(1, 3), block_t=block_t)
+    assert cfg.rows_per_program == block_m + block_t and f"t{block_t}" in cfg.short()
+    out, lse = paged_prefix_attention(**args, out=out, config=cfg)
+    check(kit, args, out, lse, dtype, rows=sum(sizes))
+    assert torch.isnan(out[sum(sizes):]).all()
+
+
 def test_more_splits_than_key_tiles_and_padding_rows(kit):
     # 5 splits over 2 tiles of 16 keys: three splits are empty; 3 padding rows stay untouched.
     args = make_paged(kit, [20, 3], [2, 4], 8, 2, 64, torch.float32, "cpu", pad_rows=3)
     out = torch.full_like(args["q"], float("nan"))
     lse = torch.full((8, args["q"].shape[0]), float("nan"), device=kit.device)
     cfg = PrefixAttnConfig(block_m=16, block_n=16, num_warps=4, num_stages=1, num_splits=5)
+    assert PrefixAttnConfig.parse("16,16,4,1,5") == cfg
+    assert PrefixAttnConfig.parse("16,16,4,1,5,32").block_t == 32
     paged_prefix_attention(**args, out=out, lse=lse, config=cfg)
     check(kit, args, out, lse, torch.float32, rows=6)
     assert torch.isnan(out[6:]).all() and torch.isnan(lse[:, 6:]).all()
@@ -129,7 +149,9 @@ def test_heuristics_on_h100_shapes(monkeypatch):
         cfg = default_prefix_attn_config(batch, nodes, ctx, 32, 8, 128, torch.bfloat16, sms=132)
         rows = nodes * 4
         assert cfg.block_m in (16, 32, 64, 128) and (cfg.block_m >= rows or cfg.block_m >= 64)
-        assert (cfg.block_m == 128) == (rows >= 512)
+        assert (cfg.block_m == 128) == (rows > 128)
+        # a tail tile only where it saves a program per KV head (276 rows: 2 x 144, not 3 x 128)
+        assert cfg.block_t == (16 if rows == 276 else 0)
         assert 1 <= cfg.num_splits <= module["MAX_SPLITS"]
         assert cfg.num_splits <= max(1, ctx // (4 * cfg.block_n))
         sweep = prefix_attn_sweep_configs(cfg)
