@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=3000)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--num-speculative-tokens", type=int, default=4)
+    parser.add_argument("--tree-widths", default=None, metavar="W1,W2,...",
+                        help="verify a token tree with these level widths (e.g. "
+                             "4,16,16,16,16) instead of a chain; its depth replaces "
+                             "--num-speculative-tokens")
     parser.add_argument("--window", type=int, default=None)
     parser.add_argument("--draft-vocab-size", type=int, default=None,
                         help="draft over the N tokens most frequent in the draft's training "
@@ -128,12 +132,15 @@ def main(argv: list[str] | None = None) -> int:
 
     baseline = run_engine(target, prompt, args.max_tokens, max_model_len, None, None,
                           args.compile)
-    options = {} if args.window is None else {"window": args.window}
+    options: dict[str, Any] = {} if args.window is None else {"window": args.window}
     if args.draft_vocab_size is not None:
         options["draft_vocab_size"] = args.draft_vocab_size
+    depth, shape = args.num_speculative_tokens, f"chain of {args.num_speculative_tokens}"
+    if args.tree_widths:
+        options["tree_widths"] = [int(w) for w in args.tree_widths.split(",")]
+        depth, shape = len(options["tree_widths"]), f"tree {args.tree_widths}"
     spec = run_engine(target, prompt, args.max_tokens, max_model_len,
-                      {"method": "longspec", "model": draft,
-                       "num_speculative_tokens": args.num_speculative_tokens},
+                      {"method": "longspec", "model": draft, "num_speculative_tokens": depth},
                       {"longspec": options}, args.compile)
     same = baseline["token_ids"] == spec["token_ids"]
     first_diff = next((i for i, (a, b) in enumerate(zip(baseline["token_ids"],
@@ -142,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"continuation: {spec['text'][:300]!r}")
     print(f"without speculation : {baseline['decode_tok_s']:7.1f} tokens/s")
     print(f"with LongSpec       : {spec['decode_tok_s']:7.1f} tokens/s   "
-          f"(chain of {args.num_speculative_tokens})")
+          f"({shape})")
     acc = spec["acceptance_length"]
     print(f"mean acceptance length: {acc:.2f} tokens per step" if acc else
           "mean acceptance length: n/a (no drafts)")
