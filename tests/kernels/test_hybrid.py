@@ -115,6 +115,16 @@ def test_differential_every_node_equals_its_chain(kit, tree_backend):
     assert (out.double().cpu() - expected).abs().max() <= 2e-5
 
 
+@pytest.mark.parametrize("tree_backend", ["triton", "torch"])
+def test_differential_trees_past_one_mask_word(kit, tree_backend):
+    # LongSpec's default tree has 69 nodes: three 32-bit mask words per row.
+    specs = [(kit.randint(1, 40), 69, "beam"), (kit.randint(1, 40), kit.randint(33, 70), "random")]
+    args, parents, dense_k, dense_v = make_requests(kit, specs, torch.float32, "cpu")
+    out = hybrid_tree_attention(**args, tree_backend=tree_backend)
+    expected = chain_attention(args, parents, dense_k, dense_v)
+    assert (out.double().cpu() - expected).abs().max() <= 2e-5
+
+
 def test_reference_fails_on_wrong_tree(kit):
     # The differential oracle is sensitive: swapping two parents changes the result.
     specs = [(10, 8, "chain")]
