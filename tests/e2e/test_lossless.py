@@ -233,3 +233,35 @@ def test_pruned_draft_vocabulary_is_lossless_and_drafts_only_its_tokens(runs, pr
     # ... over tokens it never writes, nothing can be accepted
     assert pruned_vocab_runs["disjoint"].counters["num_drafts"] > 0
     assert pruned_vocab_runs["disjoint"].counters["num_accepted_tokens"] == 0
+
+
+NEAR_LIMIT_LEN = 320  # max_model_len of the near-limit runs
+
+
+@pytest.fixture(scope="module")
+def near_limit_runs(tiny_models):
+    """A 68-node tree beside a request that ends 4 tokens short of max_model_len: vLLM's V1
+    batch check (longest seq_len, which counts this step's tree, + 68 > max_model_len) would
+    skip drafting for both requests on every step; LongSpec trims each request's tree instead."""
+    rng = random.Random(1)
+    prompts = [PROMPTS[1],
+               [rng.randrange(256) for _ in range(NEAR_LIMIT_LEN - MAX_TOKENS - 4)]]
+    engine = dict(max_model_len=NEAR_LIMIT_LEN, enable_prefix_caching=True)
+    return {
+        "prompts": prompts,
+        "base": generate(tiny_models["bigram_llama"], prompts, max_tokens=MAX_TOKENS, **engine),
+        "tree": generate(tiny_models["bigram_llama"], prompts, max_tokens=MAX_TOKENS,
+                         speculative_config=_spec(tiny_models["zero_draft_llama"], k=len(TREE)),
+                         additional_config={"longspec": {"window": WINDOW, "tree_widths": TREE}},
+                         **engine),
+    }
+
+
+def test_tree_drafts_next_to_a_request_near_max_model_len(near_limit_runs):
+    runs = near_limit_runs
+    _assert_same(runs["base"], runs["tree"], prompts=runs["prompts"])
+    assert all(len(t) == MAX_TOKENS for t in runs["base"].token_ids)
+    counters = runs["tree"].counters
+    # full acceptance: most of the 2 x 40 tokens come from accepted drafts (none did when the
+    # near-limit request switched drafting off for the batch)
+    assert counters["num_accepted_tokens"] >= MAX_TOKENS, counters

