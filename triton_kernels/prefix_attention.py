@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tile_steps import tile_dot, values_step
+
 __all__ = [
     "PrefixAttnConfig",
     "default_prefix_attn_config",
@@ -202,29 +204,11 @@ def fa_num_splits_heuristic(batch: int, max_seqlen_q: int, max_prefix_len: int,
 @triton.jit
 def _scores_step(q, k, col_ok, m_i, l_i, qk_scale_log2, IEEE_DOT: tl.constexpr):
     """Online-softmax scores of one row tile against one key tile: (p, alpha, m_new, l_new)."""
-    if IEEE_DOT:
-        qk = tl.dot(q, k, input_precision="ieee")
-    else:
-        qk = tl.dot(q, k)
-    qk = tl.where(col_ok[None, :], qk * qk_scale_log2, float("-inf"))
+    qk = tl.where(col_ok[None, :], tile_dot(q, k, IEEE_DOT) * qk_scale_log2, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
     return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
-
-
-@triton.jit
-def _values_step(p, v, alpha, acc, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """``acc * alpha + p @ v`` with p rounded to v's dtype first (as FlashAttention does)."""
-    p = p.to(v.dtype)
-    if UPCAST_DOT:
-        p = p.to(tl.float32)
-        v = v.to(tl.float32)
-    if IEEE_DOT:
-        pv = tl.dot(p, v, input_precision="ieee")
-    else:
-        pv = tl.dot(p, v)
-    return acc * alpha[:, None] + pv
 
 
 @triton.jit
@@ -336,9 +320,9 @@ def _prefix_attn_fwd_kernel(
                                                       IEEE_DOT)
             v = tl.load(v_head + (page * stride_vb + slot * stride_vs)[:, None] + offs_d[None, :],
                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = _values_step(p, v, alpha, acc, IEEE_DOT, UPCAST_DOT)
+            acc = values_step(p, v, alpha, acc, IEEE_DOT, UPCAST_DOT)
             if BLOCK_T > 0:
-                acc_t = _values_step(p_t, v, alpha_t, acc_t, IEEE_DOT, UPCAST_DOT)
+                acc_t = values_step(p_t, v, alpha_t, acc_t, IEEE_DOT, UPCAST_DOT)
 
         _store_rows(o_ptr, lse_ptr, acc, m_i, l_i, rows, n, start, kv_head, split,
                     stride_ot, stride_oh, stride_os, stride_lt, stride_lh, stride_ls, offs_d,

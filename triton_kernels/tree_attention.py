@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from .prefix_attention import num_sms
+from .tile_steps import tile_dot, values_step
 
 __all__ = [
     "TreeAttnConfig",
@@ -366,11 +367,7 @@ def _tree_attn_fwd_kernel(
                         mask=col_ok[None, :] & d_ok[:, None], other=0.0)
             if UPCAST_DOT:
                 k = k.to(tl.float32)
-            if IEEE_DOT:
-                qk = tl.dot(q, k, input_precision="ieee")
-            else:
-                qk = tl.dot(q, k)
-            qk = qk * qk_scale_log2
+            qk = tile_dot(q, k, IEEE_DOT) * qk_scale_log2
 
             words = tl.load(mask_ptr + tok_g[:, None] * stride_mt + (cols // 32)[None, :],
                             mask=(row_ok & (tok < num_words * 32))[:, None] & col_ok[None, :],
@@ -387,15 +384,7 @@ def _tree_attn_fwd_kernel(
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_ptr + cols_g[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            p = p.to(v.dtype)
-            if UPCAST_DOT:
-                p = p.to(tl.float32)
-                v = v.to(tl.float32)
-            if IEEE_DOT:
-                pv = tl.dot(p, v, input_precision="ieee")
-            else:
-                pv = tl.dot(p, v)
-            acc = acc * alpha[:, None] + pv
+            acc = values_step(p, v, alpha, acc, IEEE_DOT, UPCAST_DOT)
             m_i = m_new
 
         empty = l_i == 0.0
