@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import importlib.util
 import os
 import re
@@ -33,9 +34,8 @@ def load_kernels(kernels_dir: str | None) -> tuple[ModuleType, ModuleType]:
     """The tree and prefix attention modules, from `kernels_dir` (a ``triton_kernels`` folder)
     or the installed ``vllm_longspec_kernels``."""
     if kernels_dir is None:
-        import vllm_longspec_kernels.prefix_attention as prefix  # noqa: F401
-        return (sys.modules["vllm_longspec_kernels.tree_attention"],
-                sys.modules["vllm_longspec_kernels.prefix_attention"])
+        return (importlib.import_module("vllm_longspec_kernels.tree_attention"),
+                importlib.import_module("vllm_longspec_kernels.prefix_attention"))
     name = "fingerprinted_kernels"
     folder = os.path.abspath(kernels_dir)
     spec = importlib.util.spec_from_file_location(name, os.path.join(folder, "__init__.py"),

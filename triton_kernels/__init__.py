@@ -5,8 +5,9 @@
 * ``kv_compaction``   -- one-launch, all-layer copy of accepted-path K/V inside paged caches.
 * ``prefix_attention`` -- split-KV, GQA-packed paged prefix attention for few queries.
 * ``hybrid``          -- prefix (FlashAttention / Triton split-KV / torch) + tree + merge.
+* ``tree_bookkeeping`` -- one-launch recording and greedy acceptance of token trees (V2 runner).
 
-Every kernel has a pure-torch reference next to it (``*_ref``).
+Every kernel has a pure-torch reference next to it (``*_ref``), or names it.
 """
 
 from .hybrid import (

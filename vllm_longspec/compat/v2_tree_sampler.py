@@ -18,8 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..engine.tree_device import DeviceTreeAcceptance, accept_greedy_device, \
-    accept_sampled_device, select_rows
+from ..engine.tree_device import DeviceTreeAcceptance, accept_sampled_device, select_rows
 from ..engine.v2_tree import StepLayout, TreeSlots
 from ..engine.verification import set_active_plan
 
@@ -98,16 +97,18 @@ class TreeRejectionSampler:
         logits_rows = (cu[:-1].unsqueeze(1) + nodes).clamp(max=logits.shape[0] - 1)
         valid = nodes < (cu[1:] - cu[:-1]).unsqueeze(1)
         slots = input_batch.idx_mapping[:num_reqs].long()
-        rows = self.slots.rows(slots, node_tokens[logits_rows].long(), valid, logits_rows)
+        tokens = node_tokens[logits_rows].long()
 
         temperature = sampler.sampling_states.temperature
         temps = np.asarray(temperature.np)[idx_np[:num_reqs]]
         greedy_result = sampled_result = None
         if np.any(temps == 0):
-            greedy_result = accept_greedy_device(rows, processed.argmax(dim=-1))
+            greedy_result = self.slots.accept_greedy(slots, tokens, valid, logits_rows,
+                                                     processed.argmax(dim=-1))
         if np.any(temps != 0):
             sampled_result = accept_sampled_device(
-                rows, processed, torch.logsumexp(processed.float(), dim=-1),
+                self.slots.rows(slots, tokens, valid, logits_rows), processed,
+                torch.logsumexp(processed.float(), dim=-1),
                 sampler.sampling_states.seeds.gpu[slots], positions[cu[:-1]].long())
         if greedy_result is None:
             result = sampled_result

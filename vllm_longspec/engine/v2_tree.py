@@ -20,14 +20,15 @@ whose node i sits at depth i, so every step stays uniform.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .beam_tree import tree_node_offsets
-from .tree_device import (TreeRows, ancestor_matrix, best_path_chain, chain_masks, pack_masks,
-                          unpack_masks)
+from .tree_device import (DeviceTreeAcceptance, TreeRows, accept_greedy_device, ancestor_matrix,
+                          best_path_chain, chain_masks, pack_masks, unpack_masks)
 from .verification import TreeVerificationPlan
 from .verify_attention import FullGraphTreeMasks
 
@@ -66,6 +67,15 @@ class TreeSlots:
         # A tree row's node i sits at position root + depth(i): i - depth(i) below the chain's.
         self.tree_shift = torch.from_numpy(
             np.arange(n) - level_depths(self.widths)).to(device)
+        # One launch each for recording and greedy acceptance (`tree_bookkeeping`) on CUDA,
+        # where the host's launches of the torch versions left the GPU idle.
+        # LONGSPEC_TREE_BOOKKEEPING=torch keeps the torch versions (A/B measurements).
+        if device.type == "cuda" and os.environ.get("LONGSPEC_TREE_BOOKKEEPING") != "torch":
+            from .bookkeeping_check import fused_bookkeeping_works
+
+            self.fused = fused_bookkeeping_works(self.widths, device)
+        else:
+            self.fused = False
 
     def record(self, slots: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor,
                tree_ok: torch.Tensor) -> torch.Tensor:
@@ -79,6 +89,12 @@ class TreeSlots:
         Returns:
             [B, N-1] the draft tokens to schedule (chain rows: the best path, then filler).
         """
+        if self.fused:
+            from vllm_longspec_kernels.tree_bookkeeping import record_trees
+
+            return record_trees(slots, tokens, parents, tree_ok, self.parents, self.masks,
+                                self.position_shift, self.chain_masks, self.tree_shift,
+                                self.depth, self.first_leaf)
         chain_tokens, chain_parents = best_path_chain(tokens, parents, self.first_leaf,
                                                       self.depth)
         ok = tree_ok.unsqueeze(1)
@@ -98,6 +114,22 @@ class TreeSlots:
         return TreeRows(tokens=tokens, parents=self.parents[slots],
                         ancestors=unpack_masks(self.masks[slots], self.num_nodes),
                         valid=valid, logits_rows=logits_rows)
+
+    def accept_greedy(self, slots: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor,
+                      logits_rows: torch.Tensor, argmax: torch.Tensor) -> DeviceTreeAcceptance:
+        """Greedy acceptance of a step's rows (`accept_greedy_device`), in one launch on CUDA.
+
+        Args:
+            slots: [R] int64; tokens, valid, logits_rows: [R, N] (see `TreeRows`).
+            argmax: [L] int64 the target's argmax at every logits row of the step.
+        """
+        if not self.fused:
+            return accept_greedy_device(self.rows(slots, tokens, valid, logits_rows), argmax)
+        from vllm_longspec_kernels.tree_bookkeeping import accept_greedy_trees
+
+        out, num_sampled, path = accept_greedy_trees(slots, self.parents, tokens, valid,
+                                                     logits_rows, argmax)
+        return DeviceTreeAcceptance(tokens=out, num_sampled=num_sampled, path=path)
 
 
 @dataclass
