@@ -17,9 +17,9 @@ info{draft,num_speculative_tokens,  gauge  1; the LongSpec configuration being s
 drafted_requests_total             counter request-steps that got a LongSpec draft
 fallbacks_total{reason}            counter request-steps decoded without speculation, by reason:
                                            short_prompt (below min_prompt_len), max_model_len
-                                           (a request of the batch has no room left to
-                                           speculate: vLLM skips drafting for the whole
-                                           batch), drafting_error
+                                           (a request with no room left to speculate;
+                                           the rest of its batch still drafts),
+                                           drafting_error
 drafting_errors_total              counter drafting steps that raised (the step decoded plainly)
 proposer_steps_total               counter engine steps that ran the proposer
 draft_ring_rows_in_use             gauge   draft ring rows held by requests
