@@ -141,8 +141,8 @@ def test_health_summary_in_metrics(servers, report):
 
 
 def test_request_reaching_max_model_len_is_counted_as_fallback(servers):
-    """A prompt two tokens short of max_model_len leaves no room to speculate: vLLM decodes its
-    batch without drafting, and the health summary counts it."""
+    """A prompt two tokens short of max_model_len leaves no room to speculate: the request
+    decodes without drafts, and the health summary counts it."""
     from vllm_longspec.reliability.load import run_load
     from vllm_longspec.reliability.workload import RequestSpec
 
