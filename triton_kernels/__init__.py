@@ -35,6 +35,7 @@ from .prefix_attention import (
     paged_prefix_attention,
     prefix_attn_sweep_configs,
 )
+from .tree_bookkeeping import accept_greedy_trees, record_trees
 from .tree_attention import (
     TreeAttnConfig,
     build_tree_mask,
@@ -53,6 +54,8 @@ __all__ = [
     "KVCacheTable",
     "PrefixAttnConfig",
     "TreeAttnConfig",
+    "accept_greedy_trees",
+    "attend_paged_prefix",
     "build_kv_cache_table",
     "build_tree_mask",
     "choose_prefix_backend",
@@ -61,9 +64,9 @@ __all__ = [
     "default_fa_version",
     "default_prefix_attn_config",
     "default_tree_attn_config",
-    "hopper_tree_attn_config",
     "fa_num_splits_heuristic",
     "flash_attn_available",
+    "hopper_tree_attn_config",
     "hybrid_tree_attention",
     "hybrid_tree_attention_ref",
     "is_triton_interpret",
@@ -72,8 +75,8 @@ __all__ = [
     "num_sms",
     "paged_prefix_attention",
     "paged_prefix_attention_torch",
-    "attend_paged_prefix",
     "prefix_attn_sweep_configs",
+    "record_trees",
     "split_kv_cache",
     "tree_attention",
     "tree_attention_ref",
