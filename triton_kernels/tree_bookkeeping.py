@@ -7,9 +7,10 @@ about 2 ms of 9.9 (`benchmarks/results/h200-2026-12-04c`). One program per reque
 it in registers, walking the trees' parent links.
 
 Trees are BFS-ordered, the root (the last committed token) at node 0, ``parents[i] < i``. A row
-that verifies no tree holds a chain over the same nodes (`TreeSlots`), up to N-1 deep. The pure-torch references are ``vllm_longspec.engine.v2_tree``'s
-``TreeSlots.record`` and ``vllm_longspec.engine.tree_device.accept_greedy_device``; the tests hold
-each kernel to its reference.
+that verifies no tree holds a chain over the same nodes (`TreeSlots`), up to N-1 deep. The
+pure-torch references are ``vllm_longspec.engine.v2_tree``'s ``TreeSlots.record`` and
+``vllm_longspec.engine.tree_device.accept_greedy_device``; the tests hold each kernel to its
+reference.
 """
 
 from __future__ import annotations

@@ -9,25 +9,14 @@ import torch
 
 import vllm_longspec_kernels.tree_bookkeeping as bookkeeping
 from vllm_longspec.engine.beam_tree import tree_node_offsets
-from vllm_longspec.engine.bookkeeping_check import fused_bookkeeping_works
+from vllm_longspec.engine.bookkeeping_check import (fused_bookkeeping_works,
+                                                     random_beam_parents)
 from vllm_longspec.engine.tree_device import accept_greedy_device
 from vllm_longspec.engine.v2_tree import TreeSlots
 from vllm_longspec_kernels.tree_bookkeeping import accept_greedy_trees, record_trees
 
 SHAPES = [(4, 16, 16, 16, 16), (4, 16, 16, 16, 11), (2, 3), (1, 1, 1, 1), (3,)]
 MAX_SLOTS = 9
-
-
-def beam_parents(gen: torch.Generator, batch: int, widths: tuple[int, ...]) -> torch.Tensor:
-    """[B, N] BFS parents: each level's nodes hang off random nodes of the level above."""
-    offsets = tree_node_offsets(widths)
-    n = offsets[-1]
-    parents = torch.full((batch, n), -1, dtype=torch.long)
-    for level, width in enumerate(widths):
-        lo = 0 if level == 0 else offsets[level - 1]
-        hi = offsets[level]  # the previous level is [lo, hi)
-        parents[:, hi:hi + width] = torch.randint(lo, hi, (batch, width), generator=gen)
-    return parents
 
 
 def recorded(slots_obj: TreeSlots) -> tuple[torch.Tensor, ...]:
@@ -42,7 +31,7 @@ def test_record_trees_equals_tree_slots_record(kit, widths):
     reference = TreeSlots(MAX_SLOTS, widths, torch.device(device))
     fused = TreeSlots(MAX_SLOTS, widths, torch.device(device))
     for _ in range(2):  # a second round overwrites slots that held trees or chains
-        parents = beam_parents(gen, batch, widths).to(device)
+        parents = random_beam_parents(gen, batch, widths).to(device)
         n = parents.shape[1]
         tokens = torch.randint(0, 50_000, (batch, n - 1), generator=gen).to(device)
         slots = torch.randperm(MAX_SLOTS, generator=gen)[:batch].to(device)
@@ -65,7 +54,7 @@ def test_record_trees_leaves_other_slots_alone(kit):
     slots_obj.parents.fill_(poison)
     slots_obj.masks.fill_(poison)
     slots_obj.position_shift.fill_(poison)
-    parents = beam_parents(gen, 2, widths).to(kit.device)
+    parents = random_beam_parents(gen, 2, widths).to(kit.device)
     tokens = torch.randint(0, 100, (2, parents.shape[1] - 1), generator=gen).to(kit.device)
     slots = torch.tensor([3, 7], device=kit.device)
     record_trees(slots, tokens, parents, torch.tensor([True, False], device=kit.device),
@@ -84,7 +73,7 @@ def _acceptance_case(gen, widths, batch, device):
     vocabulary so that paths of every length get accepted."""
     slots_obj = TreeSlots(MAX_SLOTS, widths, torch.device(device))
     n = slots_obj.num_nodes
-    parents = beam_parents(gen, batch, widths)
+    parents = random_beam_parents(gen, batch, widths)
     vocab = 3
     drafted = torch.randint(0, vocab, (batch, n - 1), generator=gen)
     slots = torch.randperm(MAX_SLOTS, generator=gen)[:batch]
@@ -135,7 +124,7 @@ def test_accept_greedy_trees_full_acceptance_of_the_best_path(kit):
     slots_obj = TreeSlots(MAX_SLOTS, widths, torch.device(kit.device))
     n = slots_obj.num_nodes
     gen = torch.Generator().manual_seed(kit.seed)
-    parents = beam_parents(gen, 1, widths).to(kit.device)
+    parents = random_beam_parents(gen, 1, widths).to(kit.device)
     drafted = torch.full((1, n - 1), 5, device=kit.device)
     slots = torch.tensor([2], device=kit.device)
     slots_obj.record(slots, drafted, parents, torch.tensor([True], device=kit.device))
@@ -168,7 +157,7 @@ def test_tree_slots_one_launch_paths_equal_the_torch_paths(kit, kernels_here, wi
         slots_obj.fused = fused
         accepted = slots_obj.accept_greedy(slots, tokens, valid, logits_rows, argmax)
         # then the next step's trees are recorded over the same slots
-        parents = beam_parents(gen, 4, widths).to(kit.device)
+        parents = random_beam_parents(gen, 4, widths).to(kit.device)
         drafted = torch.randint(0, 9, (4, parents.shape[1] - 1), generator=gen).to(kit.device)
         scheduled = slots_obj.record(slots, drafted, parents,
                                      torch.tensor([True, False, True, True], device=kit.device))

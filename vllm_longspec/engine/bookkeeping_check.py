@@ -19,6 +19,20 @@ from .v2_tree import TreeSlots
 logger = logging.getLogger("vllm_longspec")
 
 
+def random_beam_parents(gen: torch.Generator, batch: int, widths: tuple[int, ...]
+                        ) -> torch.Tensor:
+    """[B, N] int64 BFS parents of beam trees: each level's nodes hang off random nodes of the
+    level above (in any order, as a beam's best-first children do)."""
+    offsets = tree_node_offsets(tuple(widths))
+    parents = torch.full((batch, offsets[-1]), -1, dtype=torch.long)
+    for level, width in enumerate(widths):
+        above = 0 if level == 0 else offsets[level - 1]  # the level above is [above, first)
+        first = offsets[level]
+        parents[:, first:first + width] = torch.randint(above, first, (batch, width),
+                                                        generator=gen)
+    return parents
+
+
 def fused_bookkeeping_works(widths: tuple[int, ...], device: torch.device) -> bool:
     """Whether `tree_bookkeeping`'s kernels compile on `device` and equal the torch versions:
     one small batch (a tree row, a chain row, a trimmed tree) through both."""
@@ -38,12 +52,7 @@ def _kernels_agree(widths: tuple[int, ...], device: torch.device) -> bool:
     torch_slots = TreeSlots(3, widths, torch.device("cpu"))
     kernel_slots = TreeSlots(3, widths, torch.device("cpu"))
     n, batch = torch_slots.num_nodes, 3
-    offsets = tree_node_offsets(tuple(widths))
-    parents = torch.full((batch, n), -1, dtype=torch.long)
-    for level, width in enumerate(widths):
-        lo = 0 if level == 0 else offsets[level - 1]
-        parents[:, offsets[level]:offsets[level] + width] = torch.randint(
-            lo, offsets[level], (batch, width), generator=gen)
+    parents = random_beam_parents(gen, batch, widths)
     drafted = torch.randint(0, 2, (batch, n - 1), generator=gen)
     slots = torch.tensor([2, 0, 1])
     tree_ok = torch.tensor([True, False, True])
