@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -39,6 +40,9 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
 
     from vllm_longspec.compat.vllm_api import engine_counters, shutdown_llm
 
+    plugin_log = logging.getLogger("vllm_longspec")  # its INFO lines say which paths ran
+    plugin_log.setLevel(logging.INFO)
+    plugin_log.addHandler(logging.StreamHandler(sys.stderr))
     context, new_tokens = config["context"], config["new_tokens"]
     kwargs: dict[str, Any] = dict(
         model=config["target"], dtype=config["dtype"], max_model_len=context + new_tokens + 256,
@@ -106,6 +110,9 @@ def _run_child(config: dict[str, Any]) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-m", "vllm_longspec_benchmarks.bench_step_cost",
                            "--child", json.dumps(config)], env=env, capture_output=True,
                           text=True)
+    for line in proc.stderr.splitlines():  # which bookkeeping path the engine really ran
+        if "tree bookkeeping" in line:
+            print(f"{config['name']}: {line.strip()}", flush=True)
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
@@ -127,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tree-runners", default="v2",
                         help="model runners to verify the tree on (v2, v1 or v2,v1: "
                              "LONGSPEC_TREE_RUNNER)")
+    parser.add_argument("--bookkeeping", default="fused",
+                        help="tree bookkeeping paths to measure, comma-separated: fused (the "
+                        "Triton kernels, the default on CUDA) and/or torch "
+                        "(LONGSPEC_TREE_BOOKKEEPING=torch)")
     parser.add_argument("--chain", type=int, default=None, help="also measure a chain of K")
     parser.add_argument("--draft-vocab-size", type=int, default=None,
                         help="LongSpec drafts over this many most frequent tokens")
@@ -163,11 +174,17 @@ def main(argv: list[str] | None = None) -> int:
     for shape in args.tree_widths:
         widths = [int(w) for w in shape.split(",")]
         for runner in args.tree_runners.split(","):
-            variants.append((f"tree {shape}{suffix} ({runner})",
-                             {"method": "longspec", "model": draft,
-                              "num_speculative_tokens": len(widths)},
-                             {"longspec": {"tree_widths": widths, **vocab}},
-                             {"LONGSPEC_TREE_RUNNER": runner}))
+            for bookkeeping in args.bookkeeping.split(","):
+                label = f"{runner}" if bookkeeping == "fused" else f"{runner}, torch bookkeeping"
+                env = {"LONGSPEC_TREE_RUNNER": runner}
+                if bookkeeping == "torch":
+                    env["LONGSPEC_TREE_BOOKKEEPING"] = "torch"
+                elif bookkeeping != "fused":
+                    parser.error(f"--bookkeeping: unknown path {bookkeeping!r} (fused, torch)")
+                variants.append((f"tree {shape}{suffix} ({label})",
+                                 {"method": "longspec", "model": draft,
+                                  "num_speculative_tokens": len(widths)},
+                                 {"longspec": {"tree_widths": widths, **vocab}}, env))
     if args.chain:
         variants.append((f"chain {args.chain}{suffix}", {"method": "longspec", "model": draft,
                                                           "num_speculative_tokens": args.chain},

@@ -51,6 +51,9 @@ class BenchProbe:
         report: dict[str, Any] = {
             "model_runner": f"{type(runner).__module__}.{type(runner).__name__}",
             "kv_cache_bytes": kv_bytes}
+        tree_slots = getattr(getattr(runner, "speculator", None), "tree_slots", None)
+        if tree_slots is not None:  # Model Runner V2 with a tree: which bookkeeping ran
+            report["tree_bookkeeping"] = "triton" if tree_slots.fused else "torch"
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             report.update(device_name=torch.cuda.get_device_name(),

@@ -84,7 +84,8 @@ def run_engine(config: dict[str, Any]) -> dict[str, Any]:
     finally:
         shutdown_llm(llm)
     result = {"token_ids": [list(o.outputs[0].token_ids) for o in outs], "counters": counters,
-              "model_runner": report.get("model_runner"), "startup_s": startup,
+              "model_runner": report.get("model_runner"),
+              "tree_bookkeeping": report.get("tree_bookkeeping"), "startup_s": startup,
               "seconds": seconds}
     if config.get("logprobs"):
         result["top2_gap"] = [
@@ -200,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = {"error": traceback.format_exc()}
         results[name]["wall_s"] = time.perf_counter() - start
         status = results[name].get("error") or (
-            f"{results[name]['model_runner']}, acceptance "
+            f"{results[name]['model_runner']}, "
+            f"bookkeeping {results[name].get('tree_bookkeeping')}, acceptance "
             f"{results[name]['counters'].get('mean_acceptance_length', 1):.2f}")
         print(f"[{name}] {status} ({results[name]['wall_s']:.0f} s)", flush=True)
         if "error" in results[name]:
@@ -224,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             summary[spec]["mean_acceptance_length"] = \
                 results[spec]["counters"]["mean_acceptance_length"]
             summary[spec]["model_runner"] = results[spec]["model_runner"]
+            summary[spec]["tree_bookkeeping"] = results[spec].get("tree_bookkeeping")
     mixed_run = results.get("tree_drift_mixed_v2", {})
     if "token_ids" in mixed_run:
         summary["mixed_lengths"] = [len(t) for t in mixed_run["token_ids"]]

@@ -82,5 +82,7 @@ def _kernels_agree(widths: tuple[int, ...], device: torch.device) -> bool:
     if not same:
         logger.warning("LongSpec: one-launch tree bookkeeping disagrees with the torch "
                        "versions on %s; using the torch versions", device)
+    else:
+        logger.info("LongSpec: one-launch tree bookkeeping on %s (self-check passed)", device)
     return same
 
