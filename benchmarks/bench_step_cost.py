@@ -258,17 +258,17 @@ def _plot(rows: list[dict[str, Any]], path: str) -> None:
         return
     contexts = sorted({r["context"] for r in rows})
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(7, 4 + 0.2 * len(variants)))
     width = 0.8 / len(variants)
     for i, name in enumerate(variants):
-        values = [next(r["step_ms"] for r in rows if r["context"] == c
-                       and r["variant"] == name) for c in contexts]
+        values = [next((r["step_ms"] for r in rows if r["context"] == c
+                        and r["variant"] == name), float("nan")) for c in contexts]
         ax.bar([j + i * width for j in range(len(contexts))], values, width, label=name)
     ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(contexts))])
     ax.set_xticklabels([f"{c // 1024}k" for c in contexts])
     ax.set_ylabel("ms per step (one request)")
     ax.set_title("LongSpec step vs plain decode step")
-    ax.legend()
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1))  # below the bars
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -31,6 +31,18 @@ def test_step_cost_rows_merge_from_logs(tmp_path):
     assert (out / "step_cost.png").exists()
 
 
+def test_step_cost_report_with_a_variant_measured_at_one_context_only(tmp_path):
+    log = tmp_path / "a.txt"
+    log.write_text("".join("ROW " + json.dumps(_row(*row)) + "\n" for row in (
+        (32768, "plain", 6.0), (32768, "tree 69", 10.5), (32768, "tree 64", 9.0),
+        (131072, "plain", 9.0), (131072, "tree 64", 15.3))))
+    out = tmp_path / "out"
+    assert step_cost_main(["--merge-logs", str(log), "--out", str(out)]) == 0
+    report = json.loads((out / "step_cost.json").read_text())
+    assert [r["variant"] for r in report["rows"] if r["context"] == 131072] == ["plain", "tree 64"]
+    assert (out / "step_cost.png").stat().st_size > 0
+
+
 def test_compare_reports_divergences_with_the_plain_runs_gap():
     base = {"token_ids": [[1, 2, 3], [4, 5, 6], [7, 8]],
             "top2_gap": [[0.5, 0.5, 0.5], [0.9, 0.01, 0.4], [1.0, 1.0]]}
