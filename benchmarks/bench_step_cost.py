@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -40,9 +39,6 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
 
     from vllm_longspec.compat.vllm_api import engine_counters, shutdown_llm
 
-    plugin_log = logging.getLogger("vllm_longspec")  # its INFO lines say which paths ran
-    plugin_log.setLevel(logging.INFO)
-    plugin_log.addHandler(logging.StreamHandler(sys.stderr))
     context, new_tokens = config["context"], config["new_tokens"]
     kwargs: dict[str, Any] = dict(
         model=config["target"], dtype=config["dtype"], max_model_len=context + new_tokens + 256,
@@ -110,7 +106,8 @@ def _run_child(config: dict[str, Any]) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-m", "vllm_longspec_benchmarks.bench_step_cost",
                            "--child", json.dumps(config)], env=env, capture_output=True,
                           text=True)
-    for line in proc.stderr.splitlines():  # which bookkeeping path the engine really ran
+    # which bookkeeping path the engine really ran (the plugin logs it through vLLM's logger)
+    for line in (proc.stdout + proc.stderr).splitlines():
         if "tree bookkeeping" in line:
             print(f"{config['name']}: {line.strip()}", flush=True)
     for line in proc.stdout.splitlines()[::-1]:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from .patching import Patch
 
-logger = logging.getLogger("vllm_longspec")
+logger = logging.getLogger("vllm.longspec")
 
 TREE_BACKEND_NAME = "CUSTOM"
 TREE_BACKEND_PATHS = {

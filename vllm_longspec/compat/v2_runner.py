@@ -43,7 +43,7 @@ import torch
 
 from .patching import Patch
 
-logger = logging.getLogger("vllm_longspec")
+logger = logging.getLogger("vllm.longspec")
 
 _REFUSED_FEATURE = "speculative method 'custom_class'"
 

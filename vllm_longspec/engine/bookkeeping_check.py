@@ -16,7 +16,7 @@ from .beam_tree import tree_node_offsets
 from .tree_device import accept_greedy_device
 from .v2_tree import TreeSlots
 
-logger = logging.getLogger("vllm_longspec")
+logger = logging.getLogger("vllm.longspec")
 
 
 def random_beam_parents(gen: torch.Generator, batch: int, widths: tuple[int, ...]

@@ -29,7 +29,7 @@ from .draft_graphs import DraftInputs
 from .drafter import LongSpecDrafter
 from .prompt_lookup import lookup_continuations
 
-logger = logging.getLogger("vllm_longspec")
+logger = logging.getLogger("vllm.longspec")
 
 _BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # Drafting logits of a graph bucket stay alive in the graph's pool: [B * widest level, vocab]

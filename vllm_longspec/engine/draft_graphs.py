@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-logger = logging.getLogger("vllm_longspec")
+logger = logging.getLogger("vllm.longspec")
 
 # Buckets above this are drafted eagerly: the graph pool keeps the largest bucket's logits
 # ([B * widest level, vocab] fp32) alive, memory vLLM's profiler has not planned for, and at

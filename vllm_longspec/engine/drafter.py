@@ -40,9 +40,10 @@ from .draft_linear import DraftLinear, fp8_matmul_available
 from .ring_attention import ring_attention
 from .serving_layer import ServingDraftLayer
 from .tp_draft import build_draft_on_rank
+from .tree_tiles import tile_hint
 from .vocab_head import DraftVocabHead, VocabShard
 
-logger = logging.getLogger("vllm_longspec")
+logger = logging.getLogger("vllm.longspec")
 
 
 class LongSpecDrafter:
@@ -89,6 +90,17 @@ class LongSpecDrafter:
         self.draft = ServingDraftLayer(on_rank.draft, ops, fp8=fp8)
         self.ring = DraftKVRing(self.ring_rows, self.config.window, on_rank.num_kv_heads,
                                 ckpt.arch.head_dim, self.target.dtype, self.target.device)
+        if self.config.is_tree and self.target.device.type == "cuda":
+            self._log_tile_hint()
+
+    def _log_tile_hint(self) -> None:
+        """Suggests a tree that fills FlashAttention-3's query tiles (`tree_tiles`)."""
+        hf = vllm_api.target_hf_config(self.vllm_config)
+        heads = int(hf.num_attention_heads)
+        kv_heads = int(getattr(hf, "num_key_value_heads", None) or heads)
+        hint = tile_hint(tuple(self.widths), max(1, heads // kv_heads))
+        if hint is not None:
+            logger.info(hint)
 
     @property
     def device(self) -> torch.device:

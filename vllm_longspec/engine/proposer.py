@@ -33,7 +33,7 @@ from .drafter import LongSpecDrafter
 from .prompt_lookup import lookup_continuations
 from .tree_step import DraftedTree, TreeVerifier
 
-logger = logging.getLogger("vllm_longspec")
+logger = logging.getLogger("vllm.longspec")
 
 
 class LongSpecProposer:

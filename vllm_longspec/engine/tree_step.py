@@ -26,7 +26,7 @@ from .verification import (TreeRowCandidate, active_plan,
                            ancestor_masks, build_plan, set_active_plan)
 from .verify_attention import FullGraphTreeMasks, TreeVerifyingImpl, set_full_graph_masks
 
-logger = logging.getLogger("vllm_longspec")
+logger = logging.getLogger("vllm.longspec")
 
 
 @dataclass

@@ -27,7 +27,7 @@ INJECT_ENV = "LONGSPEC_INJECT_DRAFT_ERRORS"
 _LOG_FIRST = 3
 _LOG_EVERY = 1000
 
-logger = logging.getLogger("vllm_longspec")
+logger = logging.getLogger("vllm.longspec")
 
 
 class InjectedDraftingError(RuntimeError):
