@@ -8,6 +8,7 @@ order, the root (the last committed token) being node 0; a chain is the tree of 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -30,10 +31,26 @@ def expand_level(logprobs: torch.Tensor, scores: torch.Tensor, width: int) -> Le
         scores: [B, W] the nodes' cumulative log-probabilities.
     """
     batch, nodes, vocab = logprobs.shape
-    cumulative = (scores.unsqueeze(-1) + logprobs).reshape(batch, nodes * vocab)
     width = min(width, nodes * vocab)
-    best, index = chunked_topk(cumulative, width)
+    if _fused_topk(logprobs, width):
+        from vllm_longspec_kernels.beam_topk import beam_topk
+
+        best, index = beam_topk(logprobs, scores, width)
+    else:
+        cumulative = (scores.unsqueeze(-1) + logprobs).reshape(batch, nodes * vocab)
+        best, index = chunked_topk(cumulative, width)
     return LevelExpansion(tokens=index % vocab, parent_local=index // vocab, scores=best)
+
+
+def _fused_topk(logprobs: torch.Tensor, width: int) -> bool:
+    """The two-launch Triton top-k (`beam_topk`) on CUDA when LONGSPEC_BEAM_TOPK=triton: not
+    timed on a GPU yet, so opt-in (`benchmarks/bench_beam_topk.py` times it). Same set of
+    children as the torch path; among exactly equal scores it keeps the lowest ids."""
+    if not logprobs.is_cuda or os.environ.get("LONGSPEC_BEAM_TOPK") != "triton":
+        return False
+    from vllm_longspec_kernels.beam_topk import beam_topk_supported
+
+    return beam_topk_supported(logprobs, width)
 
 
 # Longest chunk of `chunked_topk`: PyTorch's top-k runs one single-block kernel over many slices
