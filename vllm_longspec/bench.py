@@ -11,6 +11,7 @@ BENCHMARKS = {
     "step-cost": "bench_step_cost",
     "drafting": "bench_drafting",
     "kv-compaction": "bench_kv_compaction",
+    "beam-topk": "bench_beam_topk",
     "reliability": "reliability",
     "e2e": "bench_e2e",
 }
