@@ -151,3 +151,18 @@ def test_kv_compaction_bench_paths_move_within_each_request_like_the_engine():
     assert bool((src[live] % 128 < TREE_NODES).all())
     depth = torch.arange(1, TREE_DEPTH + 1).repeat(8)
     assert torch.equal(dst[live] % 128, depth[live])
+
+
+def test_gpu_v2_trees_fails_only_on_its_own_runs_errors(tmp_path):
+    from vllm_longspec_benchmarks.gpu_v2_trees import main as v2_trees_main
+
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"runs": {
+        "base_bigram": {"token_ids": [[1, 2]], "counters": {}},
+        "tree_bigram_v2": {"token_ids": [[1, 2]], "counters": {"mean_acceptance_length": 2.0},
+                           "model_runner": "V2"},
+        "tree_drift_v2_graphs": {"error": "exit 1 (an earlier lease)"}}}))
+    out = tmp_path / "out"
+    assert v2_trees_main(["--only", "none", "--runs-from", str(earlier), "--out", str(out)]) == 0
+    summary = json.loads((out / "gpu_v2_trees.json").read_text())["summary"]
+    assert summary["tree_bigram_v2"]["exact"] == 1
