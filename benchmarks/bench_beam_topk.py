@@ -1,5 +1,5 @@
 """One beam-tree level expansion: PyTorch's chunked top-k (what the drafting step runs) against the
-two-launch Triton `beam_topk`, as CUDA-graph replays (the GPU time inside the drafting graph).
+Triton `beam_topk` (a few launches), as CUDA-graph replays (the GPU time inside the drafting graph).
 
 Each case is (requests, level nodes, vocabulary, width). Both results are checked equal first
 (values exactly, indices as sets: random log-probabilities have no ties). Needs only torch and
@@ -24,12 +24,12 @@ def cases(vocabs: list[int]) -> list[tuple[int, int, int, int]]:
             for nodes, width in ((1, 4), (4, 16), (16, 16))]
 
 
-def run(iters: int, candidates: list[int], out: str, vocabs: list[int]) -> dict[str, Any]:
+def run(iters: int, chunks: list[int], out: str, vocabs: list[int]) -> dict[str, Any]:
     import torch
     from tqdm import tqdm
 
     from vllm_longspec.engine.beam_tree import chunked_topk
-    from vllm_longspec_kernels.beam_topk import beam_topk
+    from vllm_longspec_kernels.level_topk import beam_topk
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows, all_equal = [], True
@@ -43,22 +43,22 @@ def run(iters: int, candidates: list[int], out: str, vocabs: list[int]) -> dict[
         ref_best, ref_index = torch_level()
         row = {"requests": batch, "nodes": nodes, "vocab": vocab, "width": width,
                "torch_us": time_ms(torch_level, iters, graph_reps=20) * 1e3, "equal": True}
-        for most in candidates:
-            def triton_level(most=most):
-                return beam_topk(logprobs, scores, width, max_candidates=most)
+        for chunk in chunks:
+            def triton_level(chunk=chunk):
+                return beam_topk(logprobs, scores, width, chunk=chunk)
 
             best, index = triton_level()
             row["equal"] &= (torch.equal(best, ref_best) and torch.equal(
                 index.sort(dim=1).values, ref_index.sort(dim=1).values))
-            row[f"triton_{most}_us"] = time_ms(triton_level, iters, graph_reps=20) * 1e3
-        row["triton_us"] = min(row[f"triton_{most}_us"] for most in candidates)
+            row[f"triton_{chunk}_us"] = time_ms(triton_level, iters, graph_reps=20) * 1e3
+        row["triton_us"] = min(row[f"triton_{chunk}_us"] for chunk in chunks)
         all_equal &= row["equal"]
         rows.append(row)
         tqdm.write("ROW " + json.dumps(row))  # as measured: the first compiles are slow
         with open(os.path.join(out, "bench_beam_topk.json"), "w") as f:
             json.dump({"rows": rows}, f, indent=1)
     return {"device": torch.cuda.get_device_name(), "all_equal": all_equal,
-            "candidates": candidates, "rows": rows}
+            "chunks": chunks, "rows": rows}
 
 
 def plot(report: dict[str, Any], path: str) -> None:
@@ -76,7 +76,7 @@ def plot(report: dict[str, Any], path: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 0.3 * len(rows) + 1.5))
     ax.barh([y - 0.2 for y in ys], [r["torch_us"] for r in rows], 0.4, label="torch (chunked)")
     ax.barh([y + 0.2 for y in ys], [r["triton_us"] for r in rows], 0.4,
-            label="Triton beam_topk (best max_candidates)")
+            label="Triton beam_topk (best chunk)")
     ax.set_yticks(list(ys))
     ax.set_yticklabels(labels, fontsize=7)
     ax.invert_yaxis()
@@ -92,19 +92,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--vocabs", default="32768,128256,151936",
                         help="vocabulary sizes to run (each compiles its own chunk length)")
-    parser.add_argument("--candidates", default="1024,2048,4096",
-                        help="beam_topk's max_candidates values to time (the best is plotted)")
+    parser.add_argument("--chunks", default="1024,2048,4096",
+                        help="beam_topk's chunk lengths to time (the best is plotted)")
     parser.add_argument("--out", default="bench_beam_topk_out")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    candidates = [int(c) for c in args.candidates.split(",")]
-    report = run(args.iters, candidates, args.out, [int(v) for v in args.vocabs.split(",")])
+    chunks = [int(c) for c in args.chunks.split(",")]
+    report = run(args.iters, chunks, args.out, [int(v) for v in args.vocabs.split(",")])
     print(f"\n{'requests':>8} {'nodes':>5} {'vocab':>7} {'width':>5} {'torch us':>9} "
-          + " ".join(f"{f'Triton {c}':>12}" for c in candidates) + f" {'equal':>6}")
+          + " ".join(f"{f'Triton {c}':>12}" for c in chunks) + f" {'equal':>6}")
     for r in report["rows"]:
         print(f"{r['requests']:>8} {r['nodes']:>5} {r['vocab']:>7} {r['width']:>5} "
               f"{r['torch_us']:>9.1f} "
-              + " ".join(f"{r[f'triton_{c}_us']:>12.1f}" for c in candidates)
+              + " ".join(f"{r[f'triton_{c}_us']:>12.1f}" for c in chunks)
               + f" {str(r['equal']):>6}")
     with open(os.path.join(args.out, "bench_beam_topk.json"), "w") as f:
         json.dump(report, f, indent=1)

@@ -6,12 +6,12 @@
 * ``prefix_attention`` -- split-KV, GQA-packed paged prefix attention for few queries.
 * ``hybrid``          -- prefix (FlashAttention / Triton split-KV / torch) + tree + merge.
 * ``tree_bookkeeping`` -- one-launch recording and greedy acceptance of token trees (V2 runner).
-* ``beam_topk``       -- a beam-tree level's global top-k in two launches.
+* ``level_topk``      -- a beam-tree level's global top-k in a few launches.
 
 Every kernel has a pure-torch reference next to it (``*_ref``), or names it.
 """
 
-from .beam_topk import beam_topk, beam_topk_ref, beam_topk_supported
+from .level_topk import beam_topk, beam_topk_ref, beam_topk_supported
 from .hybrid import (
     choose_prefix_backend,
     default_fa_version,

@@ -33,7 +33,7 @@ def expand_level(logprobs: torch.Tensor, scores: torch.Tensor, width: int) -> Le
     batch, nodes, vocab = logprobs.shape
     width = min(width, nodes * vocab)
     if _fused_topk(logprobs, width):
-        from vllm_longspec_kernels.beam_topk import beam_topk
+        from vllm_longspec_kernels.level_topk import beam_topk
 
         best, index = beam_topk(logprobs, scores, width)
     else:
@@ -43,12 +43,12 @@ def expand_level(logprobs: torch.Tensor, scores: torch.Tensor, width: int) -> Le
 
 
 def _fused_topk(logprobs: torch.Tensor, width: int) -> bool:
-    """The two-launch Triton top-k (`beam_topk`) on CUDA when LONGSPEC_BEAM_TOPK=triton: not
+    """The Triton top-k (`level_topk.beam_topk`) on CUDA when LONGSPEC_BEAM_TOPK=triton: not
     timed on a GPU yet, so opt-in (`benchmarks/bench_beam_topk.py` times it). Same set of
     children as the torch path; among exactly equal scores it keeps the lowest ids."""
     if not logprobs.is_cuda or os.environ.get("LONGSPEC_BEAM_TOPK") != "triton":
         return False
-    from vllm_longspec_kernels.beam_topk import beam_topk_supported
+    from vllm_longspec_kernels.level_topk import beam_topk_supported
 
     return beam_topk_supported(logprobs, width)
 

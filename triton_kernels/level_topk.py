@@ -1,23 +1,28 @@
-"""The beam tree's level expansion in two launches: the global top-k of (level nodes x vocabulary)
-by cumulative log-probability.
+"""The beam tree's level expansion in a few launches: the global top-k of (level nodes x
+vocabulary) by cumulative log-probability.
 
 PyTorch's top-k over chunks of the row (`engine.beam_tree.chunked_topk`) costs about 50 us per level
 for 16 nodes x 32,768 tokens on an H200: a radix select, a second top-k and two bitonic sorts.
 That is 0.26 ms of the drafting step's 1.81 ms at 32k (`benchmarks/results/h200-2026-12-05`,
 profile). Here, for k up to 32:
 
-1. one program per (request, chunk of the row) adds the parent's score to each log-probability
-   in registers and extracts the chunk's k best by repeated max;
-2. one program per request does the same over the chunks' candidates, so its output is already
-   sorted.
+1. one program per (request, chunk of `CHUNK` elements) adds the parent's score to each
+   log-probability in registers and extracts the chunk's k best by repeated max;
+2. one program per (request, group of `CHUNK` candidates) does the same over the candidates,
+   until one group is left per request. The last pass's output is already sorted. 16 nodes x
+   32k tokens take 3 launches, x 152k 4.
+
+No program holds more than `CHUNK` elements, so every row length compiles the same two kernels.
+Compiled for sm_90 on this project's CPU machine, stage 1 took 0.5 s at 2,048 elements. At
+8,192, 16,384 and 32,768 it took 3.9, 9.5 and 31 s: those are the chunk lengths a single
+merge pass would need for long rows.
 
 Ties go to the lowest flat index at both stages, so the result is deterministic. (PyTorch leaves
 the order of equal values unspecified.) The reference is ``beam_topk_ref`` (torch.topk).
 
-Not timed on a GPU yet: the engine uses it only with LONGSPEC_BEAM_TOPK=triton.
-`benchmarks/bench_beam_topk.py` times it. The first attempt ran out of its call's time while
-compiling. The 128k vocabulary at 16 nodes took 49 s: its chunks are 8,192 to 32,768 elements
-(one per `max_candidates` tried), each unrolled 16 times. Long rows need a looped stage 1 first.
+Not timed on a GPU yet, so the engine uses it only with LONGSPEC_BEAM_TOPK=triton.
+`benchmarks/bench_beam_topk.py` times it. A first attempt, with one merge pass and chunks
+grown to fit it, ran out of its call's time compiling a 128k vocabulary's long chunks.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import triton
 import triton.language as tl
 
 MAX_K = 32
-STAGE2_CANDIDATES = 4096  # default: at most this many candidates per request reach stage 2
+CHUNK = 2048  # elements per program, at both stages
 
 
 @triton.jit
@@ -45,10 +50,10 @@ def _extract_top_k(values, index, alive, out_values_ptr, out_index_ptr, big,
 @triton.jit
 def _chunk_top_k_kernel(logprobs_ptr, scores_ptr, cand_values_ptr, cand_index_ptr,
                         stride_lb, stride_sb, row_length, vocab, num_chunks,
-                        K: tl.constexpr, CHUNK: tl.constexpr):
+                        K: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     c = tl.program_id(1)
-    flat = c * CHUNK + tl.arange(0, CHUNK).to(tl.int64)
+    flat = c * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     inside = flat < row_length
     logprob = tl.load(logprobs_ptr + b * stride_lb + flat, mask=inside, other=float("-inf"))
     score = tl.load(scores_ptr + b * stride_sb + flat // vocab, mask=inside, other=0.0)
@@ -58,15 +63,17 @@ def _chunk_top_k_kernel(logprobs_ptr, scores_ptr, cand_values_ptr, cand_index_pt
 
 
 @triton.jit
-def _merge_top_k_kernel(cand_values_ptr, cand_index_ptr, best_ptr, index_ptr, num_candidates,
-                        big, K: tl.constexpr, BLOCK: tl.constexpr):
+def _merge_top_k_kernel(in_values_ptr, in_index_ptr, out_values_ptr, out_index_ptr,
+                        num_candidates, num_groups, big, K: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0)
-    slot = tl.arange(0, BLOCK)
+    g = tl.program_id(1)
+    slot = g * BLOCK + tl.arange(0, BLOCK)
     inside = slot < num_candidates
-    values = tl.load(cand_values_ptr + b * num_candidates + slot, mask=inside,
+    values = tl.load(in_values_ptr + b * num_candidates + slot, mask=inside,
                      other=float("-inf"))
-    index = tl.load(cand_index_ptr + b * num_candidates + slot, mask=inside, other=big)
-    _extract_top_k(values, index, inside, best_ptr + b * K, index_ptr + b * K, big, K)
+    index = tl.load(in_index_ptr + b * num_candidates + slot, mask=inside, other=big)
+    out = (b * num_groups + g) * K
+    _extract_top_k(values, index, inside, out_values_ptr + out, out_index_ptr + out, big, K)
 
 
 def beam_topk_supported(logprobs: torch.Tensor, k: int) -> bool:
@@ -75,16 +82,8 @@ def beam_topk_supported(logprobs: torch.Tensor, k: int) -> bool:
             and logprobs.stride(2) == 1 and logprobs.stride(1) == logprobs.shape[2])
 
 
-def _chunk_length(row_length: int, k: int, max_candidates: int) -> int:
-    """A power of two >= 1024 that leaves at most `max_candidates` candidates for stage 2."""
-    chunk = 1024
-    while triton.cdiv(row_length, chunk) * k > max_candidates:
-        chunk *= 2
-    return chunk
-
-
-def beam_topk(logprobs: torch.Tensor, scores: torch.Tensor, k: int,
-              max_candidates: int = STAGE2_CANDIDATES) -> tuple[torch.Tensor, torch.Tensor]:
+def beam_topk(logprobs: torch.Tensor, scores: torch.Tensor, k: int, chunk: int = CHUNK
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of ``scores[b, w] + logprobs[b, w, v]`` over (w, v), per request.
 
     Args:
@@ -92,7 +91,7 @@ def beam_topk(logprobs: torch.Tensor, scores: torch.Tensor, k: int,
             (rows contiguous, see `beam_topk_supported`).
         scores: [B, W] fp32 the nodes' cumulative log-probabilities.
         k: how many, 1..MAX_K and <= W * V.
-        max_candidates: the most candidates stage 1 hands to stage 2 (fewer: longer chunks).
+        chunk: elements per program (a power of two > k; tests use small ones).
     Returns:
         best [B, k] fp32 descending, index [B, k] int64 into the flattened (W * V) row
         (token = index % V, parent = index // V).
@@ -100,24 +99,28 @@ def beam_topk(logprobs: torch.Tensor, scores: torch.Tensor, k: int,
     batch, nodes, vocab = logprobs.shape
     row_length = nodes * vocab
     assert beam_topk_supported(logprobs, k) and k <= row_length, (logprobs.shape, k)
+    assert chunk > k and chunk & (chunk - 1) == 0, chunk
     scores = scores.float().contiguous()
-    chunk = _chunk_length(row_length, k, max_candidates)
-    num_chunks = triton.cdiv(row_length, chunk)
     device = logprobs.device
-    cand_values = torch.empty(batch, num_chunks * k, dtype=torch.float32, device=device)
-    cand_index = torch.empty(batch, num_chunks * k, dtype=torch.int64, device=device)
-    best = torch.empty(batch, k, dtype=torch.float32, device=device)
-    index = torch.empty(batch, k, dtype=torch.int64, device=device)
+    warps = 8 if chunk >= 2048 else 4
+    groups = triton.cdiv(row_length, chunk)
+    values = torch.empty(batch, groups * k, dtype=torch.float32, device=device)
+    index = torch.empty(batch, groups * k, dtype=torch.int64, device=device)
     if batch == 0:
-        return best, index
-    _chunk_top_k_kernel[(batch, num_chunks)](
-        logprobs, scores, cand_values, cand_index, logprobs.stride(0), scores.stride(0),
-        row_length, vocab, num_chunks, K=k, CHUNK=chunk, num_warps=8 if chunk >= 4096 else 4)
-    block = triton.next_power_of_2(num_chunks * k)
-    _merge_top_k_kernel[(batch,)](
-        cand_values, cand_index, best, index, num_chunks * k, row_length, K=k, BLOCK=block,
-        num_warps=8 if block >= 2048 else 4)
-    return best, index
+        return values[:, :k], index[:, :k]
+    _chunk_top_k_kernel[(batch, groups)](
+        logprobs, scores, values, index, logprobs.stride(0), scores.stride(0), row_length,
+        vocab, groups, K=k, BLOCK=chunk, num_warps=warps)
+    while groups > 1:  # k best of every `chunk` candidates, until one group is left
+        candidates = groups * k
+        groups = triton.cdiv(candidates, chunk)
+        merged = torch.empty(batch, groups * k, dtype=torch.float32, device=device)
+        merged_index = torch.empty(batch, groups * k, dtype=torch.int64, device=device)
+        _merge_top_k_kernel[(batch, groups)](
+            values, index, merged, merged_index, candidates, groups, row_length, K=k,
+            BLOCK=chunk, num_warps=warps)
+        values, index = merged, merged_index
+    return values, index
 
 
 def beam_topk_ref(logprobs: torch.Tensor, scores: torch.Tensor, k: int

@@ -1,11 +1,11 @@
-"""A beam-tree level's global top-k in two launches (`beam_topk`) against torch.topk: random
-log-probabilities, rows split into several chunks (one partial), ties, rows of -inf."""
+"""A beam-tree level's global top-k in a few launches (`level_topk.beam_topk`) against torch.topk:
+random log-probabilities, rows split into several chunks (one partial), ties, rows of -inf."""
 
 import pytest
 import torch
 
-from vllm_longspec_kernels.beam_topk import (MAX_K, beam_topk, beam_topk_ref,
-                                             beam_topk_supported)
+from vllm_longspec_kernels.level_topk import (MAX_K, beam_topk, beam_topk_ref,
+                                              beam_topk_supported)
 
 
 def _by_value_then_index(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -14,16 +14,17 @@ def _by_value_then_index(values: torch.Tensor, k: int) -> tuple[torch.Tensor, to
     return values.gather(1, order), order
 
 
-@pytest.mark.parametrize("batch, nodes, vocab, k, max_candidates", [
-    (1, 1, 3000, 4, 4096),     # one chunk
-    (2, 4, 1000, 8, 32),       # 4 chunks of 1024 over 4000: the last one partial
-    (3, 5, 700, 5, 20),        # 3500 -> 4 chunks, odd k
-    (1, 2, 1500, 1, 4096),     # a chain's level
+@pytest.mark.parametrize("batch, nodes, vocab, k, chunk", [
+    (1, 1, 3000, 4, 4096),     # one chunk, no merge
+    (2, 4, 1000, 8, 1024),     # 4 chunks over 4000, the last one partial; one merge
+    (2, 4, 1000, 8, 64),       # 63 chunks -> 504 -> 64 -> 8 candidates: two merges
+    (3, 5, 700, 5, 128),       # odd k, a partial last group
+    (1, 2, 1500, 1, 2048),     # a chain's level
 ])
-def test_equals_torch_topk(kit, batch, nodes, vocab, k, max_candidates):
+def test_equals_torch_topk(kit, batch, nodes, vocab, k, chunk):
     logprobs = kit.randn(batch, nodes, vocab).log_softmax(-1)
     scores = kit.randn(batch, nodes) * 3
-    best, index = beam_topk(logprobs, scores, k, max_candidates=max_candidates)
+    best, index = beam_topk(logprobs, scores, k, chunk=chunk)
     ref_best, ref_index = beam_topk_ref(logprobs, scores, k)
     assert torch.equal(best, ref_best)
     assert torch.equal(index, ref_index)  # random floats: no ties
@@ -31,10 +32,10 @@ def test_equals_torch_topk(kit, batch, nodes, vocab, k, max_candidates):
 
 def test_ties_go_to_the_lowest_index(kit):
     batch, nodes, vocab, k = 2, 3, 1200, 16
-    # few distinct values, so many ties, spread over 4 chunks
+    # few distinct values, so many ties, over 57 chunks and three merges
     values = torch.randint(0, 6, (batch, nodes, vocab), generator=kit.gen).float()
     scores = torch.tensor([[0.0, 1.0, 0.0], [2.0, 0.0, 1.0]])
-    best, index = beam_topk(values.to(kit.device), scores.to(kit.device), k, max_candidates=64)
+    best, index = beam_topk(values.to(kit.device), scores.to(kit.device), k, chunk=64)
     cumulative = (scores.unsqueeze(-1) + values).reshape(batch, -1)
     expected_best, expected_index = _by_value_then_index(cumulative, k)
     assert torch.equal(best.cpu(), expected_best)
@@ -45,7 +46,7 @@ def test_rows_of_minus_infinity_give_distinct_lowest_indices(kit):
     logprobs = torch.full((1, 2, 1100), float("-inf"))
     logprobs[0, 1, 7] = -1.0
     best, index = beam_topk(logprobs.to(kit.device), torch.zeros(1, 2).to(kit.device), 4,
-                            max_candidates=12)
+                            chunk=16)
     assert best[0, 0].item() == -1.0 and index[0, 0].item() == 1100 + 7
     assert torch.isinf(best[0, 1:]).all()
     assert index[0, 1:].tolist() == [0, 1, 2]
