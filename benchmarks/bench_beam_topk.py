@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--vocabs", default="32768,128256,151936",
-                        help="vocabulary sizes to run (each compiles its own chunk length)")
+                        help="vocabulary sizes to run, comma-separated")
     parser.add_argument("--chunks", default="1024,2048,4096",
                         help="beam_topk's chunk lengths to time (the best is plotted)")
     parser.add_argument("--out", default="bench_beam_topk_out")

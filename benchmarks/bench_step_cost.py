@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         widths = [int(w) for w in shape.split(",")]
         for runner in args.tree_runners.split(","):
             for bookkeeping in args.bookkeeping.split(","):
-                label = f"{runner}" if bookkeeping == "fused" else f"{runner}, torch bookkeeping"
+                label = runner if bookkeeping == "fused" else f"{runner}, torch bookkeeping"
                 env = {"LONGSPEC_TREE_RUNNER": runner}
                 if bookkeeping == "torch":
                     env["LONGSPEC_TREE_BOOKKEEPING"] = "torch"
