@@ -94,11 +94,10 @@ class LongSpecDrafter:
             self._log_tile_hint()
 
     def _log_tile_hint(self) -> None:
-        """Suggests a tree that fills FlashAttention-3's query tiles (`tree_tiles`)."""
-        hf = vllm_api.target_hf_config(self.vllm_config)
-        heads = int(hf.num_attention_heads)
-        kv_heads = int(getattr(hf, "num_key_value_heads", None) or heads)
-        hint = tile_hint(tuple(self.widths), max(1, heads // kv_heads))
+        """Suggests a tree that fills FlashAttention-3's query tiles (`tree_tiles`). The draft's
+        head counts are the target's (`check_draft_fits_target`)."""
+        hint = tile_hint(tuple(self.widths),
+                         max(1, self.arch.num_attention_heads // self.arch.num_key_value_heads))
         if hint is not None:
             logger.info(hint)
 
