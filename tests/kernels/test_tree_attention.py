@@ -126,7 +126,9 @@ def test_fused_prefix_merge(kit, dtype):
     hq, hk, d = 8, 2, 64
     batch, _ = make_batch(kit, sizes, ["chain", "beam", "random", "star"], hq, hk, d, dtype)
     total = sum(sizes)
-    prefix_out = kit.randn(total, hq, d, dtype=dtype)
+    # Within the magnitude OUT_ATOL assumes (<= ~3): a bf16 N(0, 1) draw past 4 has an ulp of
+    # 1/32, which alone exceeds the bf16 tolerance once the fp32 merge rounds the other way.
+    prefix_out = kit.randn(total, hq, d).clamp(-3, 3).to(dtype)
     prefix_lse = kit.randn(hq, total) * 3
     prefix_lens = torch.tensor([5, 9, 0, 3], dtype=torch.int32, device=kit.device)
     cu = batch["cu_seqlens"].tolist()
