@@ -21,6 +21,7 @@ no quality. Prints a table, writes JSON and a PNG.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -108,7 +109,7 @@ def _run_child(config: dict[str, Any]) -> dict[str, Any]:
                           text=True)
     # which bookkeeping path the engine really ran (the plugin logs it through vLLM's logger)
     for line in (proc.stdout + proc.stderr).splitlines():
-        if "tree bookkeeping" in line:
+        if "tree bookkeeping" in line or "beam-tree top-k" in line:
             print(f"{config['name']}: {line.strip()}", flush=True)
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith("RESULT "):
@@ -135,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="tree bookkeeping paths to measure, comma-separated: fused (the "
                         "Triton kernels, the default on CUDA) and/or torch "
                         "(LONGSPEC_TREE_BOOKKEEPING=torch)")
+    parser.add_argument("--beam-topk", default="default",
+                        help="drafting top-k paths to measure, comma-separated: default (the "
+                        "engine's), triton and/or torch (LONGSPEC_BEAM_TOPK)")
     parser.add_argument("--chain", type=int, default=None, help="also measure a chain of K")
     parser.add_argument("--draft-vocab-size", type=int, default=None,
                         help="LongSpec drafts over this many most frequent tokens")
@@ -168,20 +172,12 @@ def main(argv: list[str] | None = None) -> int:
         vocab["draft_weight_dtype"] = args.draft_weight_dtype
         suffix += f", {args.draft_weight_dtype} draft"
     variants: list[tuple[str, dict | None, dict, dict]] = [("plain", None, {}, {})]
-    for shape in args.tree_widths:
-        widths = [int(w) for w in shape.split(",")]
-        for runner in args.tree_runners.split(","):
-            for bookkeeping in args.bookkeeping.split(","):
-                label = runner if bookkeeping == "fused" else f"{runner}, torch bookkeeping"
-                env = {"LONGSPEC_TREE_RUNNER": runner}
-                if bookkeeping == "torch":
-                    env["LONGSPEC_TREE_BOOKKEEPING"] = "torch"
-                elif bookkeeping != "fused":
-                    parser.error(f"--bookkeeping: unknown path {bookkeeping!r} (fused, torch)")
-                variants.append((f"tree {shape}{suffix} ({label})",
-                                 {"method": "longspec", "model": draft,
-                                  "num_speculative_tokens": len(widths)},
-                                 {"longspec": {"tree_widths": widths, **vocab}}, env))
+    try:
+        variants += tree_variants(args.tree_widths, args.tree_runners.split(","),
+                                  args.bookkeeping.split(","), args.beam_topk.split(","),
+                                  draft, vocab, suffix)
+    except ValueError as error:
+        parser.error(str(error))
     if args.chain:
         variants.append((f"chain {args.chain}{suffix}", {"method": "longspec", "model": draft,
                                                           "num_speculative_tokens": args.chain},
@@ -206,6 +202,36 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": args.dtype, "eager": args.eager, "new_tokens": args.new_tokens}
     _report(rows, failed, meta, args.out)
     return 1 if failed else 0
+
+
+def tree_variants(shapes: list[str], runners: list[str], bookkeepings: list[str],
+                  topks: list[str], draft: str, longspec: dict[str, Any], suffix: str
+                  ) -> list[tuple[str, dict, dict, dict]]:
+    """(name, speculative_config, additional_config, environment) of every tree engine: each
+    shape on each runner with each bookkeeping path (fused, torch) and drafting top-k (default,
+    triton, torch)."""
+    for path in bookkeepings:
+        if path not in ("fused", "torch"):
+            raise ValueError(f"--bookkeeping: unknown path {path!r} (fused, torch)")
+    for path in topks:
+        if path not in ("default", "triton", "torch"):
+            raise ValueError(f"--beam-topk: unknown path {path!r} (default, triton, torch)")
+    variants = []
+    for shape in shapes:
+        widths = [int(w) for w in shape.split(",")]
+        for runner, bookkeeping, topk in itertools.product(runners, bookkeepings, topks):
+            label = ", ".join([runner] + ["torch bookkeeping"] * (bookkeeping == "torch")
+                              + [f"{topk} top-k"] * (topk != "default"))
+            env = {"LONGSPEC_TREE_RUNNER": runner}
+            if bookkeeping == "torch":
+                env["LONGSPEC_TREE_BOOKKEEPING"] = "torch"
+            if topk != "default":
+                env["LONGSPEC_BEAM_TOPK"] = topk
+            variants.append((f"tree {shape}{suffix} ({label})",
+                             {"method": "longspec", "model": draft,
+                              "num_speculative_tokens": len(widths)},
+                             {"longspec": {"tree_widths": widths, **longspec}}, env))
+    return variants
 
 
 def rows_from_logs(paths: list[str]) -> list[dict[str, Any]]:

@@ -6,7 +6,7 @@
 * ``prefix_attention`` -- split-KV, GQA-packed paged prefix attention for few queries.
 * ``hybrid``          -- prefix (FlashAttention / Triton split-KV / torch) + tree + merge.
 * ``tree_bookkeeping`` -- one-launch recording and greedy acceptance of token trees (V2 runner).
-* ``level_topk``      -- a beam-tree level's global top-k in a few launches.
+* ``level_topk``      -- a beam-tree level's global top-k in two launches (bitonic, packed keys).
 
 Every kernel has a pure-torch reference next to it (``*_ref``), or names it.
 """

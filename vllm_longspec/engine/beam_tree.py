@@ -42,11 +42,40 @@ def expand_level(logprobs: torch.Tensor, scores: torch.Tensor, width: int) -> Le
     return LevelExpansion(tokens=index % vocab, parent_local=index // vocab, scores=best)
 
 
+# Devices where `enable_fused_topk`'s self-check passed.
+_FUSED_TOPK_DEVICES: set[torch.device] = set()
+# The bitonic kernel equals torch.topk under the interpreter and compiles for sm_90, but has not
+# been timed on a GPU yet (benchmarks/bench_beam_topk.py, bench_step_cost --beam-topk): opt-in.
+DEFAULT_BEAM_TOPK = "torch"
+
+
+def beam_topk_path() -> str:
+    """`triton` or `torch`: LONGSPEC_BEAM_TOPK, else `DEFAULT_BEAM_TOPK`."""
+    return os.environ.get("LONGSPEC_BEAM_TOPK", DEFAULT_BEAM_TOPK)
+
+
+def enable_fused_topk(widths: tuple[int, ...], device: torch.device) -> bool:
+    """Lets `expand_level` use the Triton top-k (`level_topk.beam_topk`) on a CUDA `device` once
+    it has compiled and matched torch.topk there for these widths (`topk_check`), when
+    `beam_topk_path` is `triton`. The drafter calls this when it loads, before CUDA graphs are
+    captured."""
+    if device.type != "cuda" or beam_topk_path() != "triton":
+        return False
+    if device.index is None:  # tensors report their index: cuda:0, not cuda
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _FUSED_TOPK_DEVICES:
+        from .topk_check import fused_topk_works
+
+        if not fused_topk_works(tuple(widths), device):
+            return False
+        _FUSED_TOPK_DEVICES.add(device)
+    return True
+
+
 def _fused_topk(logprobs: torch.Tensor, width: int) -> bool:
-    """The Triton top-k (`level_topk.beam_topk`) on CUDA when LONGSPEC_BEAM_TOPK=triton: not
-    timed on a GPU yet, so opt-in (`benchmarks/bench_beam_topk.py` times it). Same set of
-    children as the torch path; among exactly equal scores it keeps the lowest ids."""
-    if not logprobs.is_cuda or os.environ.get("LONGSPEC_BEAM_TOPK") != "triton":
+    """The Triton top-k where `enable_fused_topk` passed: the same children as the torch path;
+    among exactly equal scores it keeps the lowest ids."""
+    if logprobs.device not in _FUSED_TOPK_DEVICES or beam_topk_path() != "triton":
         return False
     from vllm_longspec_kernels.level_topk import beam_topk_supported
 

@@ -34,7 +34,7 @@ from ..draft.rope import rope_from_vllm_rotary
 from ..draft.vocab import TOKEN_COUNTS_FILE, frequent_token_ids, load_token_counts
 from vllm_longspec_kernels import attend_paged_prefix
 
-from .beam_tree import tree_node_offsets
+from .beam_tree import enable_fused_topk, tree_node_offsets
 from .draft_graphs import DraftInputs
 from .draft_linear import DraftLinear, fp8_matmul_available
 from .ring_attention import ring_attention
@@ -92,6 +92,7 @@ class LongSpecDrafter:
                                 ckpt.arch.head_dim, self.target.dtype, self.target.device)
         if self.config.is_tree and self.target.device.type == "cuda":
             self._log_tile_hint()
+            enable_fused_topk(tuple(self.widths), self.target.device)
 
     def _log_tile_hint(self) -> None:
         """Suggests a tree that fills FlashAttention-3's query tiles (`tree_tiles`). The draft's
