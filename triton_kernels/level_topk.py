@@ -35,9 +35,6 @@ import triton.language as tl
 MAX_K = 32
 CHUNK = 2048  # elements per bitonic top-k
 
-_INT32_MIN = -(2**31)
-_LOW_32 = 0xFFFFFFFF
-
 
 @triton.jit
 def _pack_keys(values, index):
@@ -61,7 +58,7 @@ def _unpack_keys(keys):
 def _group_top_k_kernel(logprobs_ptr, scores_ptr, cand_ptr, stride_lb, stride_sb, row_length,
                         vocab, num_groups, chunks_per_group,
                         KP: tl.constexpr, BLOCK: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     running = tl.full([KP], -2**63, tl.int64)
     for i in range(chunks_per_group):
