@@ -59,7 +59,7 @@ SHAPES_HERE = dict(SHAPES, tiny=dict(hidden_size=128, intermediate_size=256,
 _CATEGORIES = (
     ("attention", ("flash", "fmha", "attn")),  # before matmul: FA3's kernels are cutlass's
     ("matmul", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "splitkreduce", "cublas")),
-    ("top-k", ("topk", "sort", "radix", "gatherTopK", "bitonic")),
+    ("top-k", ("topk", "top_k", "sort", "radix", "gatherTopK", "bitonic")),
     ("norm/rope", ("rms_norm", "rotary", "silu_and_mul", "act_and_mul")),
     ("softmax", ("softmax",)),
     ("copies", ("copy", "cat", "index", "gather", "scatter", "fill", "memcpy", "memset")),

@@ -146,7 +146,7 @@ KERNEL_FAMILIES: list[tuple[str, tuple[str, ...]]] = [  # first match wins
     ("attention: FlashAttention", ("flash", "fmha")),
     ("attention: LSE merge", ("merge_attn",)),
     ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "gemv", "splitk")),
-    ("top-k / sort", ("topk", "sort", "radix")),
+    ("top-k / sort", ("topk", "top_k", "sort", "radix")),  # top_k: level_topk's kernels
     ("torch: elementwise, index, reduce", ("at::native",)),
     ("vLLM CUDA ops: norm, rope, quant, cache write", ("vllm::",)),
 ]

@@ -76,6 +76,7 @@ def test_profile_kernel_table_counts_graph_kernels_per_step_and_families():
     families = {r["family"]: r["gpu_ms"] for r in table["families"]}
     assert families["GEMM"] == 0.01 and families["attention: FlashAttention"] == 0.015
     assert kernel_family("void at::native::sbtopk::gatherTopK") == "top-k / sort"
+    assert kernel_family("_group_top_k_kernel") == "top-k / sort"  # level_topk
     assert kernel_family("_compact_kv_kernel").startswith("Triton")
     assert kernel_family("triton_red_fused_fused_add_rms_norm_0").startswith("Triton")
     assert kernel_family("void at::native::vectorized_elementwise_kernel<4>").startswith("torch")
