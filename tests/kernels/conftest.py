@@ -58,6 +58,24 @@ def _import_kernels():
             os.environ["TRITON_INTERPRET"] = saved
 
 
+def _check_triton_stdlib_interpreted():
+    """Triton's own @jit helpers (tl.max, tl.sum, tl.topk, ...) are interpreted only if
+    triton.language was first imported under TRITON_INTERPRET=1, i.e. by this conftest. If
+    something imported it earlier (vLLM does), every kernel calling them fails under the
+    interpreter with "Cannot call @triton.jit'd outside of the scope of a kernel": say why."""
+    if DEVICE != "cpu":
+        return
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(tl.standard.max, InterpretedFunction):
+        raise RuntimeError(
+            "tests/kernels: triton.language was imported before this conftest, outside "
+            "Triton's interpreter (e.g. by `import vllm` in an earlier test module), so its "
+            "helpers cannot run the kernels on the CPU. Run tests/kernels in its own process, "
+            "or before any module that imports vllm at import time (as `pytest tests` does).")
+
+
 def pytest_collection_finish(session):
     """The kernel test modules are bound to the interpreted copy by now; hand the rest of the
     session (e.g. vLLM engines in tests/e2e) the normal, compiled-mode package again."""
@@ -68,6 +86,7 @@ def pytest_collection_finish(session):
 
 
 _import_kernels()
+_check_triton_stdlib_interpreted()
 
 # Max |kernel - float64 reference| on outputs of magnitude <= ~3 (averages of N(0, 1) values).
 OUT_ATOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
