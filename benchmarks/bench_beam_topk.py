@@ -42,24 +42,25 @@ def run(iters: int, chunks: list[int], out: str, vocabs: list[int]) -> dict[str,
             return chunked_topk((scores.unsqueeze(-1) + logprobs).reshape(batch, -1), width)
 
         ref_best, ref_index = torch_level()
+
+        def matches(best, index):  # values exactly, indices as sets
+            return (torch.equal(best, ref_best) and torch.equal(
+                index.sort(dim=1).values, ref_index.sort(dim=1).values))
+
         row = {"requests": batch, "nodes": nodes, "vocab": vocab, "width": width,
                "torch_us": time_ms(torch_level, iters, graph_reps=20) * 1e3, "equal": True}
         for chunk in chunks:
             def triton_level(chunk=chunk):
                 return beam_topk(logprobs, scores, width, chunk=chunk)
 
-            best, index = triton_level()
-            row["equal"] &= (torch.equal(best, ref_best) and torch.equal(
-                index.sort(dim=1).values, ref_index.sort(dim=1).values))
+            row["equal"] &= matches(*triton_level())
             row[f"triton_{chunk}_us"] = time_ms(triton_level, iters, graph_reps=20) * 1e3
         row["triton_us"] = min(row[f"triton_{chunk}_us"] for chunk in chunks)
 
         def extraction_level():
             return beam_topk_by_extraction(logprobs, scores, width)
 
-        best, index = extraction_level()
-        row["equal"] &= (torch.equal(best, ref_best) and torch.equal(
-            index.sort(dim=1).values, ref_index.sort(dim=1).values))
+        row["equal"] &= matches(*extraction_level())
         row["extraction_us"] = time_ms(extraction_level, iters, graph_reps=20) * 1e3
         all_equal &= row["equal"]
         rows.append(row)

@@ -37,7 +37,8 @@ def fused_topk_works(widths: tuple[int, ...], device: torch.device, chunk: int |
 
 def _agrees(widths: tuple[int, ...], device: torch.device, chunk: int | None,
             vocab: int) -> bool:
-    from vllm_longspec_kernels.level_topk import CHUNK, MAX_K, beam_topk, padded_k
+    from vllm_longspec_kernels.level_topk import (CHUNK, MAX_K, beam_topk, beam_topk_ref,
+                                                  padded_k)
 
     gen = torch.Generator().manual_seed(0)
     by_padded = {padded_k(w): w for w in sorted(set(widths)) if w <= MAX_K}
@@ -47,8 +48,7 @@ def _agrees(widths: tuple[int, ...], device: torch.device, chunk: int | None,
         scores = torch.randn(2, nodes, generator=gen) * 4
         best, index = beam_topk(logprobs.to(device), scores.to(device), width,
                                 chunk=chunk or CHUNK)
-        expected_best, expected_index = (scores.unsqueeze(-1) + logprobs).reshape(2, -1).topk(
-            width, dim=-1)
+        expected_best, expected_index = beam_topk_ref(logprobs, scores, width)
         # Random floats: no ties, so the indices are the same in the same order.
         if not (torch.equal(best.cpu(), expected_best)
                 and torch.equal(index.cpu(), expected_index)):
