@@ -10,9 +10,14 @@ nodes) it times, median over many runs (triton.testing.do_bench, L2 flushed betw
   hybrid_triton   the split-KV Triton prefix kernel (paged_prefix_attention, its heuristic tiles
                   and splits) + the tree kernel
   hybrid_unfused  like hybrid, with a separate merge kernel
+  hybrid_split    like hybrid, the prefix queries cut into sub-sequences that put FA3 on its 64-row
+                  tile (split_prefix_queries; only where fa_one_warpgroup_chunk says it saves rows,
+                  e.g. 69 nodes: 5 x 64 rows instead of 3 x 128; the split is computed once
+                  outside the timing, as a step does once for all layers)
   tree            the Triton tree kernel alone (the tree part's cost)
   fa_prefix       (a) FlashAttention over the prefix alone, return_softmax_lse=True (num_splits=0)
   fa_prefix_tuned FA3 over the prefix with fa_num_splits_heuristic's num_splits
+  fa_prefix_split FA3 over the prefix with hybrid_split's sub-sequences
   triton_prefix   paged_prefix_attention alone (heuristic config)
   fa_causal       FlashAttention over prefix + the same number of tokens as a causal chain
                   (what verifying a chain of that length costs; no tree mask)
@@ -284,6 +289,9 @@ def build_methods(cache: PagedBatch, tree: dict, num_nodes: int, args) -> dict:
     triton_cfg = K.default_prefix_attn_config(b, num_nodes, ctx, HQ, HK, HEAD_DIM, DTYPE)
     prefix_args = (tree["q"], cache.k_cache, cache.v_cache, cache.block_table, prefix_lens,
                    tree["cu_seqlens"], scale)
+    chunk = K.fa_one_warpgroup_chunk(HQ, HK, num_nodes, HEAD_DIM)
+    split = K.split_prefix_queries(tree["cu_seqlens"], prefix_lens, cache.block_table,
+                                   chunk=chunk, max_seqlen_q=num_nodes) if chunk else None
     methods = {
         "hybrid": lambda: K.hybrid_tree_attention(**common, out=out, fuse_merge=True,
                                                   fa_num_splits=0),
@@ -293,12 +301,15 @@ def build_methods(cache: PagedBatch, tree: dict, num_nodes: int, args) -> dict:
                                                          out=out, prefix_config=triton_cfg),
         "hybrid_unfused": lambda: K.hybrid_tree_attention(**common, out=out, fuse_merge=False,
                                                           fa_num_splits=0),
+        "hybrid_split": lambda: K.hybrid_tree_attention(**common, out=out, prefix_split=split),
         "tree": lambda: K.tree_attention(tree["q"], tree["tree_k"], tree["tree_v"],
                                          tree["cu_seqlens"], tree["tree_mask"], scale,
                                          max_seqlen=num_nodes, autotune=args.autotune),
         "triton_prefix": lambda: K.paged_prefix_attention(
             *prefix_args, max_seqlen_q=num_nodes, max_prefix_len=ctx, config=triton_cfg),
     }
+    if split is None:
+        del methods["hybrid_split"]
     if not has_fa:
         return methods
     from vllm.vllm_flash_attn import flash_attn_varlen_func
@@ -306,19 +317,24 @@ def build_methods(cache: PagedBatch, tree: dict, num_nodes: int, args) -> dict:
     fa_version = args.fa_version or K.default_fa_version(device.index or 0)
     chain_lens = torch.full((b,), ctx + num_nodes, dtype=torch.int32, device=device)
 
-    def fa(seqused, max_k, causal, num_splits=0):
+    def fa(seqused, max_k, causal, num_splits=0, seqs=None):
         extra = {"num_splits": num_splits} if num_splits and fa_version == 3 else {}
+        cu_q, max_q, table = ((seqs.cu_seqlens, seqs.max_seqlen_q, seqs.block_table) if seqs
+                              else (tree["cu_seqlens"], num_nodes, cache.block_table))
         return lambda: flash_attn_varlen_func(
-            q=tree["q"], k=cache.k_cache, v=cache.v_cache, max_seqlen_q=num_nodes,
-            cu_seqlens_q=tree["cu_seqlens"], max_seqlen_k=max_k, seqused_k=seqused,
-            block_table=cache.block_table, softmax_scale=scale, causal=causal,
+            q=tree["q"], k=cache.k_cache, v=cache.v_cache, max_seqlen_q=max_q,
+            cu_seqlens_q=cu_q, max_seqlen_k=max_k, seqused_k=seqused,
+            block_table=table, softmax_scale=scale, causal=causal,
             return_softmax_lse=True, fa_version=fa_version, **extra)
 
     methods["fa_prefix"] = fa(prefix_lens, ctx, False)
+    if split is not None:
+        methods["fa_prefix_split"] = fa(split.prefix_lens, ctx, False, seqs=split)
     methods["fa_prefix_tuned"] = fa(prefix_lens, ctx, False, fa_splits)
     methods["fa_causal"] = fa(chain_lens, ctx + num_nodes, True)
     methods["_fa_split"] = lambda s: fa(prefix_lens, ctx, False, s)   # for --prefix-sweep
-    methods["_settings"] = dict(fa_num_splits=fa_splits, triton_config=triton_cfg.short())
+    methods["_settings"] = dict(fa_num_splits=fa_splits, triton_config=triton_cfg.short(),
+                                prefix_query_chunk=chunk)
     methods["_triton_cfg"] = triton_cfg
     methods["_prefix_args"] = prefix_args
     return methods
@@ -427,20 +443,28 @@ def run_check(device: str, fa_version: int | None) -> bool:
             (True, "flash", 3, None), (True, "triton", None, None), (False, "triton", None, None),
             (True, "triton", None, K.PrefixAttnConfig(64, 64, 4, 3, 5)),
             (True, "triton", None, K.PrefixAttnConfig(16, 128, 4, 3, 1))]
+        chunk = K.fa_one_warpgroup_chunk(hq, hk, max(sizes), d) or 64 // (hq // hk)
+        split = K.split_prefix_queries(args["cu_seqlens"], args["prefix_lens"], table,
+                                       chunk=chunk, max_seqlen_q=max(sizes))
+        variants += [(True, "flash", None, split), (True, "triton", None, split)]
         for fuse, backend, splits, pcfg in variants:
             if backend == "flash" and not K.flash_attn_available():
                 backend = "torch"
+            seqs = pcfg if isinstance(pcfg, K.PrefixQuerySplit) else None
+            pcfg = None if seqs else pcfg
             out = torch.full_like(args["q"], float("nan"))
             out, lse = K.hybrid_tree_attention(**args, out=out, return_lse=True, fuse_merge=fuse,
                                                fa_version=fa_version, prefix_backend=backend,
-                                               fa_num_splits=splits, prefix_config=pcfg)
+                                               fa_num_splits=splits, prefix_config=pcfg,
+                                               prefix_split=seqs)
             err = (out.double() - ref_out).abs().max().item()
             lse_err = (lse.double() - ref_lse).abs().max().item()
             finite = bool(torch.isfinite(out).all() and torch.isfinite(lse).all())
             passed = finite and err <= tol[dtype][0] and lse_err <= tol[dtype][1]
             ok &= passed
             what = f"prefix={backend}" + (f" splits={splits}" if splits else "") + (
-                f" cfg={pcfg.short()}" if pcfg else "")
+                f" cfg={pcfg.short()}" if pcfg else "") + (
+                f" query chunks of {seqs.max_seqlen_q}" if seqs else "")
             print(f"check hybrid case {ci} Hq={hq} Hk={hk} D={d} {str(dtype)[6:]} fuse={fuse} "
                   f"{what}: max|out err|={err:.2e} max|lse err|={lse_err:.2e} finite={finite} "
                   f"{'PASS' if passed else 'FAIL'}")
@@ -483,18 +507,20 @@ def run_check(device: str, fa_version: int | None) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-METHODS = ["hybrid", "hybrid_fa_tuned", "hybrid_triton", "hybrid_unfused", "tree", "fa_prefix",
-           "fa_prefix_tuned", "triton_prefix", "fa_causal", "sdpa_masked"]
-TABLE = ["hybrid_ms", "hybrid_fa_tuned_ms", "hybrid_triton_ms", "fa_prefix_ms",
-         "fa_prefix_tuned_ms", "triton_prefix_ms", "fa_prefix_best_ms", "triton_prefix_best_ms",
-         "sdpa_masked_ms", "hbm_floor_ms", "roofline_floor_ms", "sdpa/hybrid", "hybrid/floor",
-         "hybrid/roofline"]
+METHODS = ["hybrid", "hybrid_fa_tuned", "hybrid_triton", "hybrid_unfused", "hybrid_split", "tree",
+           "fa_prefix", "fa_prefix_tuned", "fa_prefix_split", "triton_prefix", "fa_causal",
+           "sdpa_masked"]
+TABLE = ["hybrid_ms", "hybrid_fa_tuned_ms", "hybrid_triton_ms", "hybrid_split_ms", "fa_prefix_ms",
+         "fa_prefix_tuned_ms", "fa_prefix_split_ms", "triton_prefix_ms", "fa_prefix_best_ms",
+         "triton_prefix_best_ms", "sdpa_masked_ms", "hbm_floor_ms", "roofline_floor_ms",
+         "sdpa/hybrid", "sdpa/hybrid_split", "hybrid/floor", "hybrid/roofline"]
 
 
 def add_ratios(row: dict) -> None:
     """Ratios of the default hybrid (FA3 prefix) to its baselines and floors, and of each prefix
     variant to FA3 over the prefix with its own num_splits."""
-    new = {k: row[f"{k}_ms"] for k in ("hybrid", "hybrid_fa_tuned", "hybrid_triton")
+    new = {k: row[f"{k}_ms"] for k in ("hybrid", "hybrid_fa_tuned", "hybrid_triton",
+                                       "hybrid_split")
            if isinstance(row.get(f"{k}_ms"), float)}
     if new:
         best = min(new, key=new.get)
@@ -504,6 +530,9 @@ def add_ratios(row: dict) -> None:
                           ("hybrid/floor", "hybrid_ms", "hbm_floor_ms"),
                           ("hybrid/roofline", "hybrid_ms", "roofline_floor_ms"),
                           ("sdpa/hybrid", "sdpa_masked_ms", "hybrid_ms"),
+                          ("sdpa/hybrid_split", "sdpa_masked_ms", "hybrid_split_ms"),
+                          ("hybrid_split/hybrid", "hybrid_split_ms", "hybrid_ms"),
+                          ("fa_prefix_split/fa_prefix", "fa_prefix_split_ms", "fa_prefix_ms"),
                           ("hybrid_triton/hybrid", "hybrid_triton_ms", "hybrid_ms"),
                           ("hybrid_fa_tuned/hybrid", "hybrid_fa_tuned_ms", "hybrid_ms"),
                           ("triton_prefix/fa_prefix", "triton_prefix_ms", "fa_prefix_ms"),
@@ -551,6 +580,7 @@ def plot(rows: list[dict], path: str) -> bool:
             xs = [r["context"] for r in sel]
             for key, style, label in (("hybrid_ms", "-o", f"hybrid, {t} nodes"),
                                       ("hybrid_triton_ms", "-.", None),
+                                      ("hybrid_split_ms", "-s", None),
                                       ("fa_prefix_ms", "--", None),
                                       ("sdpa_masked_ms", ":x", None)):
                 pts = [(x, r[key]) for x, r in zip(xs, sel) if isinstance(r.get(key), float)]
@@ -563,14 +593,16 @@ def plot(rows: list[dict], path: str) -> bool:
         ax.set_yscale("log")
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel("ms per layer")
-        ax.set_title(f"batch {b}: solid hybrid (FA3 prefix), dash-dot hybrid (Triton prefix),\n"
-                     "dashed FA3 prefix alone, dotted x masked SDPA", fontsize=9)
+        ax.set_title(f"batch {b}: solid hybrid (FA3 prefix), -s- with 64-row query tiles, "
+                     "dash-dot hybrid (Triton prefix),\ndashed FA3 prefix alone, dotted x masked "
+                     "SDPA", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     for ax, b in zip(axes[1], batches):
         sel = sorted((r for r in rows if r["batch"] == b), key=lambda r: (r["context"], r["tree"]))
         labels = [f"{r['context'] // 1024}k/{r['tree']}" for r in sel]
         series = [("fa_prefix_tuned_ms", "FA3 fa_num_splits_heuristic"),
+                  ("fa_prefix_split_ms", "FA3, queries split into 64-row tiles"),
                   ("triton_prefix_ms", "Triton split-KV (heuristic config)"),
                   ("fa_prefix_best_ms", "FA3 best swept num_splits"),
                   ("triton_prefix_best_ms", "Triton best swept config")]

@@ -4,6 +4,7 @@
 * ``merge``           -- exact LSE merge of two partial attentions.
 * ``kv_compaction``   -- one-launch, all-layer copy of accepted-path K/V inside paged caches.
 * ``prefix_attention`` -- split-KV, GQA-packed paged prefix attention for few queries.
+* ``prefix_split``    -- tree queries cut into sub-sequences that fit FA3's 64-row tile.
 * ``hybrid``          -- prefix (FlashAttention / Triton split-KV / torch) + tree + merge.
 * ``tree_bookkeeping`` -- one-launch recording and greedy acceptance of token trees (V2 runner).
 * ``level_topk``      -- a beam-tree level's global top-k in two launches (bitonic, packed keys).
@@ -29,6 +30,7 @@ from .kv_compaction import (
     split_kv_cache,
 )
 from .merge import merge_attn_states, merge_attn_states_ref
+from .prefix_split import PrefixQuerySplit, fa_one_warpgroup_chunk, split_prefix_queries
 from .prefix_attention import (
     PrefixAttnConfig,
     default_prefix_attn_config,
@@ -55,6 +57,7 @@ from .tree_attention import (
 __all__ = [
     "KVCacheTable",
     "PrefixAttnConfig",
+    "PrefixQuerySplit",
     "TreeAttnConfig",
     "accept_greedy_trees",
     "attend_paged_prefix",
@@ -70,6 +73,7 @@ __all__ = [
     "default_prefix_attn_config",
     "default_tree_attn_config",
     "fa_num_splits_heuristic",
+    "fa_one_warpgroup_chunk",
     "flash_attn_available",
     "hopper_tree_attn_config",
     "hybrid_tree_attention",
@@ -83,6 +87,7 @@ __all__ = [
     "prefix_attn_sweep_configs",
     "record_trees",
     "split_kv_cache",
+    "split_prefix_queries",
     "tree_attention",
     "tree_attention_ref",
     "tree_attn_autotune_configs",

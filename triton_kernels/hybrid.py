@@ -24,6 +24,7 @@ import torch
 
 from .merge import merge_attn_states
 from .prefix_attention import PrefixAttnConfig, paged_prefix_attention, paged_prefix_attention_torch
+from .prefix_split import PrefixQuerySplit
 from .tree_attention import (
     TreeAttnConfig,
     is_triton_interpret,
@@ -173,6 +174,7 @@ def hybrid_tree_attention(
     fa_version: int | None = None,
     fa_num_splits: int = 0,
     prefix_config: PrefixAttnConfig | None = None,
+    prefix_split: PrefixQuerySplit | None = None,
     tree_config: TreeAttnConfig | None = None,
     tree_autotune: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -215,6 +217,9 @@ def hybrid_tree_attention(
             which was the fastest or within noise of it at every swept shape on the H100
             (``fa_num_splits_heuristic`` and fixed values 1..32 did not beat it).
         prefix_config: tiles/splits of the Triton prefix kernel (default: its heuristic).
+        prefix_split: the prefix attention's sequences cut into sub-sequences of few queries
+            (``split_prefix_queries`` of this call's cu_seqlens/prefix_lens/block_table; on FA3
+            it selects the 64-row tile, see ``prefix_split``). None: one sequence per request.
         tree_config: tile sizes of the Triton tree kernel (default: ``default_tree_attn_config``).
         tree_autotune: let ``triton.autotune`` pick the tree kernel's tile sizes.
 
@@ -240,11 +245,13 @@ def hybrid_tree_attention(
 
     prefix_out = prefix_lse = None
     if max_prefix_len > 0:
+        seqs = (prefix_split or PrefixQuerySplit(cu_seqlens, prefix_lens, block_table,
+                                                 max_seqlen_q))
         prefix_out, prefix_lse = attend_paged_prefix(
-            q, prefix_k_cache, prefix_v_cache, block_table, prefix_lens, cu_seqlens,
-            softmax_scale, max_seqlen_q=max_seqlen_q, max_prefix_len=max_prefix_len,
-            backend=prefix_backend, fa_version=fa_version, fa_num_splits=fa_num_splits,
-            config=prefix_config)
+            q, prefix_k_cache, prefix_v_cache, seqs.block_table, seqs.prefix_lens,
+            seqs.cu_seqlens, softmax_scale, max_seqlen_q=seqs.max_seqlen_q,
+            max_prefix_len=max_prefix_len, backend=prefix_backend, fa_version=fa_version,
+            fa_num_splits=fa_num_splits, config=prefix_config)
 
     if tree_backend == "triton":
         tuning = dict(max_seqlen=max_seqlen_q, config=tree_config, autotune=tree_autotune)

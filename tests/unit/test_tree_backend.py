@@ -142,3 +142,40 @@ def test_forward_under_a_mismatched_plan_fails_loudly(monkeypatch):
         tree_aware_forward(impl, _Base.forward.__get__(impl), "layer",
                            torch.randn(3, 8), torch.randn(3, 4), torch.randn(3, 4), None,
                            SimpleNamespace(num_actual_tokens=3), torch.zeros(3, 8))
+
+
+def test_prefix_query_split_is_opt_in(monkeypatch):
+    monkeypatch.delenv("LONGSPEC_PREFIX_QUERY_SPLIT", raising=False)
+    assert verify_attention.prefix_query_split_mode() == \
+        verify_attention.DEFAULT_PREFIX_QUERY_SPLIT == "0"
+    for mode in ("1", "force", "0"):
+        monkeypatch.setenv("LONGSPEC_PREFIX_QUERY_SPLIT", mode)
+        assert verify_attention.prefix_query_split_mode() == mode
+    monkeypatch.setenv("LONGSPEC_PREFIX_QUERY_SPLIT", "yes")
+    with pytest.raises(ValueError, match="LONGSPEC_PREFIX_QUERY_SPLIT"):
+        verify_attention.prefix_query_split_mode()
+    # No FA3 on the CPU: never a split, whatever the flag says.
+    monkeypatch.setenv("LONGSPEC_PREFIX_QUERY_SPLIT", "force")
+    cu = torch.tensor([0, 69], dtype=torch.int32)
+    assert verify_attention.prefix_query_split(
+        SimpleNamespace(), cu, cu[1:], torch.zeros(1, 4, dtype=torch.int32), 69, 32, 8,
+        128) is None
+
+
+def test_step_cached_builds_once_per_step_and_capture_state(monkeypatch):
+    builds = []
+    owner = SimpleNamespace()
+
+    def build():
+        builds.append(object())
+        return builds[-1]
+
+    first = verify_attention.step_cached(owner, "x", build)
+    assert verify_attention.step_cached(owner, "x", build) is first and len(builds) == 1
+    # Inside a CUDA-graph capture the capture must record its own build.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    captured = verify_attention.step_cached(owner, "x", build)
+    assert captured is not first and len(builds) == 2
+    assert verify_attention.step_cached(owner, "x", build) is captured
+    assert verify_attention.step_cached(SimpleNamespace(), "x", build) is not captured
