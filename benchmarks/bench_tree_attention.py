@@ -289,7 +289,8 @@ def build_methods(cache: PagedBatch, tree: dict, num_nodes: int, args) -> dict:
     triton_cfg = K.default_prefix_attn_config(b, num_nodes, ctx, HQ, HK, HEAD_DIM, DTYPE)
     prefix_args = (tree["q"], cache.k_cache, cache.v_cache, cache.block_table, prefix_lens,
                    tree["cu_seqlens"], scale)
-    chunk = K.fa_one_warpgroup_chunk(HQ, HK, num_nodes, HEAD_DIM)
+    chunk = K.fa_one_warpgroup_chunk(HQ, HK, num_nodes, HEAD_DIM,
+                                     require_saving=not getattr(args, "force_prefix_split", False))
     split = K.split_prefix_queries(tree["cu_seqlens"], prefix_lens, cache.block_table,
                                    chunk=chunk, max_seqlen_q=num_nodes) if chunk else None
     methods = {
@@ -704,6 +705,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true", help="time every tree-kernel tile config")
     parser.add_argument("--prefix-sweep", action="store_true",
                         help="also time FA3 num_splits 1..32 and Triton prefix configs per shape")
+    parser.add_argument("--force-prefix-split", action="store_true",
+                        help="time hybrid_split/fa_prefix_split wherever FA3's 64-row tile "
+                             "applies, also where it saves no rows (e.g. 64 nodes)")
     parser.add_argument("--fa-version", type=int, default=None)
     parser.add_argument("--replot", metavar="JSON", default=None,
                         help="only re-derive ratios, table and PNG of a saved result (no GPU)")
