@@ -139,10 +139,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--beam-topk", default="default",
                         help="drafting top-k paths to measure, comma-separated: default (the "
                         "engine's), triton and/or torch (LONGSPEC_BEAM_TOPK)")
-    parser.add_argument("--prefix-split", default="default",
-                        help="verification prefix-attention paths, comma-separated: default (the "
-                        "engine's), on, force and/or off (LONGSPEC_PREFIX_QUERY_SPLIT=1/force/0: "
-                        "tree queries in FA3's 64-row tiles where that saves rows / always)")
     parser.add_argument("--chain", type=int, default=None, help="also measure a chain of K")
     parser.add_argument("--draft-vocab-size", type=int, default=None,
                         help="LongSpec drafts over this many most frequent tokens")
@@ -179,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         variants += tree_variants(args.tree_widths, args.tree_runners.split(","),
                                   args.bookkeeping.split(","), args.beam_topk.split(","),
-                                  draft, vocab, suffix, args.prefix_split.split(","))
+                                  draft, vocab, suffix)
     except ValueError as error:
         parser.error(str(error))
     if args.chain:
@@ -209,36 +205,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def tree_variants(shapes: list[str], runners: list[str], bookkeepings: list[str],
-                  topks: list[str], draft: str, longspec: dict[str, Any], suffix: str,
-                  prefix_splits: tuple[str, ...] | list[str] = ("default",),
+                  topks: list[str], draft: str, longspec: dict[str, Any], suffix: str
                   ) -> list[tuple[str, dict, dict, dict]]:
     """(name, speculative_config, additional_config, environment) of every tree engine: each
-    shape on each runner with each bookkeeping path (fused, torch), drafting top-k (default,
-    triton, torch) and verification prefix split (default, on, force, off)."""
+    shape on each runner with each bookkeeping path (fused, torch) and drafting top-k (default,
+    triton, torch)."""
     for path in bookkeepings:
         if path not in ("fused", "torch"):
             raise ValueError(f"--bookkeeping: unknown path {path!r} (fused, torch)")
     for path in topks:
         if path not in ("default", "triton", "torch"):
             raise ValueError(f"--beam-topk: unknown path {path!r} (default, triton, torch)")
-    for path in prefix_splits:
-        if path not in ("default", "on", "force", "off"):
-            raise ValueError(f"--prefix-split: unknown path {path!r} (default, on, force, off)")
     variants = []
     for shape in shapes:
         widths = [int(w) for w in shape.split(",")]
-        for runner, bookkeeping, topk, split in itertools.product(runners, bookkeepings, topks,
-                                                                  prefix_splits):
+        for runner, bookkeeping, topk in itertools.product(runners, bookkeepings, topks):
             label = ", ".join([runner] + ["torch bookkeeping"] * (bookkeeping == "torch")
-                              + [f"{topk} top-k"] * (topk != "default")
-                              + [f"prefix split {split}"] * (split != "default"))
+                              + [f"{topk} top-k"] * (topk != "default"))
             env = {"LONGSPEC_TREE_RUNNER": runner}
             if bookkeeping == "torch":
                 env["LONGSPEC_TREE_BOOKKEEPING"] = "torch"
             if topk != "default":
                 env["LONGSPEC_BEAM_TOPK"] = topk
-            if split != "default":
-                env["LONGSPEC_PREFIX_QUERY_SPLIT"] = {"on": "1", "off": "0"}.get(split, split)
             variants.append((f"tree {shape}{suffix} ({label})",
                              {"method": "longspec", "model": draft,
                               "num_speculative_tokens": len(widths)},

@@ -170,10 +170,6 @@ def main(argv: list[str] | None = None) -> int:
                     additional={"longspec": {"window": WINDOW, "tree_widths": widths}})
 
     v1 = {"LONGSPEC_TREE_RUNNER": "v1"}
-    # The prefix attention in FA3's 64-row tiles (LONGSPEC_PREFIX_QUERY_SPLIT), forced: at this
-    # fixture's shape (2 query heads per KV head, head dim 64) it saves no rows, so "1" would not
-    # split; these runs check that the split path stays exact, eager and in full CUDA graphs.
-    split = {"LONGSPEC_PREFIX_QUERY_SPLIT": "force"}
     runs: list[tuple[str, dict[str, Any], dict[str, str]]] = [
         ("base_bigram", dict(target=bigram, prompts=batch, eager=True), {}),
         ("tree_bigram_v2", dict(target=bigram, prompts=batch, eager=True, **tree(zero_bigram)),
@@ -190,10 +186,6 @@ def main(argv: list[str] | None = None) -> int:
                                       **tree(zero_drift)), {}),
         ("tree_bigram_v2_graphs", dict(target=bigram, prompts=batch, eager=False,
                                        **tree(zero_bigram)), {}),
-        ("tree_drift_v2_split", dict(target=drift, prompts=batch, eager=True, **tree(zero_drift)),
-         split),
-        ("tree_drift_v2_graphs_split", dict(target=drift, prompts=batch, eager=False,
-                                            **tree(zero_drift)), split),
     ]
     only = set(args.only.split(",")) if args.only else None
     results: dict[str, Any] = {}
@@ -227,9 +219,7 @@ def main(argv: list[str] | None = None) -> int:
              ("base_drift", "tree_drift_v1", None),
              ("base_drift_mixed", "tree_drift_mixed_v2", GREEDY_MIXED),
              ("base_drift_graphs", "tree_drift_v2_graphs", None),
-             ("base_bigram", "tree_bigram_v2_graphs", None),
-             ("base_drift", "tree_drift_v2_split", None),
-             ("base_drift_graphs", "tree_drift_v2_graphs_split", None)]
+             ("base_bigram", "tree_bigram_v2_graphs", None)]
     summary = {}
     for base, spec, subset in pairs:
         if "token_ids" in results.get(base, {}) and "token_ids" in results.get(spec, {}):

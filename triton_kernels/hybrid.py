@@ -219,7 +219,8 @@ def hybrid_tree_attention(
         prefix_config: tiles/splits of the Triton prefix kernel (default: its heuristic).
         prefix_split: the prefix attention's sequences cut into sub-sequences of few queries
             (``split_prefix_queries`` of this call's cu_seqlens/prefix_lens/block_table; on FA3
-            it selects the 64-row tile, see ``prefix_split``). None: one sequence per request.
+            it selects the 64-row tile, which measured slower, see ``prefix_split``). None (the
+            default): one sequence per request.
         tree_config: tile sizes of the Triton tree kernel (default: ``default_tree_attn_config``).
         tree_autotune: let ``triton.autotune`` pick the tree kernel's tile sizes.
 

@@ -9,8 +9,14 @@ the request's pages are 5 tiles of 64: 320 rows.
 
 The prefix has no mask, so a query's prefix attention does not depend on which sub-sequence it
 sits in; outputs and LSEs keep their rows (``cu_seqlens`` only cuts the same ``q`` differently).
-All work is on the device without host syncs and with shapes fixed by ``(batch, max_seqlen_q)``,
-so it can be recorded in a CUDA graph; a step computes it once and every layer reuses it.
+All work is on the device without host syncs and with shapes fixed by ``(batch, max_seqlen_q)``.
+
+Measured on an H100 (``benchmarks/results/h100-2026-12-05``, ``bench_tree_attention
+--force-prefix-split``), it loses: FA3's 64-row tile does 1.3-1.45x less work per second than its
+128-row tile on these compute-bound shapes, more than the 17% of rows saved. One Llama-3-8B layer,
+69 nodes, batch 1: 0.465 ms split against 0.355 ms at 128k, 0.131 against 0.114 ms at 32k; slower
+at batch 8 and for 64 and 128 nodes too. So the engine does not use it; ``hybrid_tree_attention``
+takes it (``prefix_split=``) and the benchmark keeps timing it.
 """
 
 from __future__ import annotations
@@ -98,7 +104,9 @@ def split_prefix_queries(cu_seqlens: torch.Tensor, prefix_lens: torch.Tensor,
     offsets = torch.arange(per_request, device=cu_seqlens.device, dtype=cu_seqlens.dtype) * chunk
     starts = torch.minimum(cu_seqlens[:-1, None] + offsets, cu_seqlens[1:, None])
     cu = torch.cat([starts.reshape(-1), cu_seqlens[-1:]]).to(torch.int32)
+    # contiguous(): with one request the reshapes would be stride-0 views (FA3 rejects them).
     lens = prefix_lens[:, None].expand(batch, per_request).reshape(-1).to(torch.int32)
     table = block_table[:, None, :].expand(batch, per_request, block_table.shape[1])
     table = table.reshape(batch * per_request, block_table.shape[1]).to(torch.int32)
+    lens, table = lens.contiguous(), table.contiguous()
     return PrefixQuerySplit(cu, lens, table, min(chunk, max_seqlen_q))

@@ -63,6 +63,17 @@ def test_split_metadata_cuts_each_request():
     assert int(lengths.max()) <= 16 and int(lengths.min()) >= 0
 
 
+def test_split_of_one_request_is_contiguous():
+    # FA3 rejects stride-0 views ("seqused_k must be contiguous"), which one request would give.
+    cu = torch.tensor([0, 69], dtype=torch.int32)
+    split = split_prefix_queries(cu, torch.tensor([500], dtype=torch.int32),
+                                 torch.arange(40, dtype=torch.int32)[None], chunk=16,
+                                 max_seqlen_q=69)
+    assert split.prefix_lens.is_contiguous() and split.prefix_lens.stride() == (1,)
+    assert split.block_table.is_contiguous() and split.block_table.stride() == (40, 1)
+    assert split.cu_seqlens.is_contiguous()
+
+
 def test_split_rejects_empty_chunk():
     cu = torch.tensor([0, 3], dtype=torch.int32)
     with pytest.raises(ValueError, match="chunk"):

@@ -188,9 +188,3 @@ def test_step_cost_tree_variants_cross_bookkeeping_and_topk_paths():
     assert default[3] == {"LONGSPEC_TREE_RUNNER": "v1", "LONGSPEC_TREE_BOOKKEEPING": "torch"}
     with pytest.raises(ValueError, match="--beam-topk"):
         tree_variants(["4"], ["v2"], ["fused"], ["cuda"], "DRAFT", {}, "")
-    on, off = tree_variants(["4"], ["v2"], ["fused"], ["default"], "DRAFT", {}, "", ["on", "off"])
-    assert on[0] == "tree 4 (v2, prefix split on)" and off[0] == "tree 4 (v2, prefix split off)"
-    assert on[3]["LONGSPEC_PREFIX_QUERY_SPLIT"] == "1"
-    assert off[3]["LONGSPEC_PREFIX_QUERY_SPLIT"] == "0"
-    with pytest.raises(ValueError, match="--prefix-split"):
-        tree_variants(["4"], ["v2"], ["fused"], ["default"], "DRAFT", {}, "", ["yes"])

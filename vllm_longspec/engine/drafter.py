@@ -41,7 +41,6 @@ from .ring_attention import ring_attention
 from .serving_layer import ServingDraftLayer
 from .tp_draft import build_draft_on_rank
 from .tree_tiles import tile_hint
-from .verify_attention import prefix_query_split_mode
 from .vocab_head import DraftVocabHead, VocabShard
 
 logger = logging.getLogger("vllm.longspec")
@@ -91,11 +90,8 @@ class LongSpecDrafter:
         self.draft = ServingDraftLayer(on_rank.draft, ops, fp8=fp8)
         self.ring = DraftKVRing(self.ring_rows, self.config.window, on_rank.num_kv_heads,
                                 ckpt.arch.head_dim, self.target.dtype, self.target.device)
-        if self.config.is_tree:
-            mode = prefix_query_split_mode()   # a bad LONGSPEC_PREFIX_QUERY_SPLIT fails here
         if self.config.is_tree and self.target.device.type == "cuda":
             self._log_tile_hint()
-            self._log_prefix_split(mode)
             enable_fused_topk(tuple(self.widths), self.target.device)
 
     def _log_tile_hint(self) -> None:
@@ -105,20 +101,6 @@ class LongSpecDrafter:
                          max(1, self.arch.num_attention_heads // self.arch.num_key_value_heads))
         if hint is not None:
             logger.info(hint)
-
-    def _log_prefix_split(self, mode: str) -> None:
-        """Says whether verification cuts the tree into FA3's 64-row tiles (`prefix_split`)."""
-        if mode == "0":
-            return
-        from vllm_longspec_kernels import fa_one_warpgroup_chunk
-
-        chunk = fa_one_warpgroup_chunk(self.arch.num_attention_heads,
-                                       self.arch.num_key_value_heads, self.num_nodes,
-                                       self.arch.head_dim, require_saving=mode != "force")
-        logger.info("LongSpec: LONGSPEC_PREFIX_QUERY_SPLIT=%s: %s", mode,
-                    f"verification attends the prefix in sub-sequences of {chunk} tree nodes "
-                    "(FlashAttention-3's 64-row tile)" if chunk else
-                    f"no split for {self.num_nodes} nodes at this head shape (saves no rows)")
 
     @property
     def device(self) -> torch.device:

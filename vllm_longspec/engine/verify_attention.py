@@ -14,7 +14,6 @@ computed by ``vllm_longspec_kernels.hybrid_tree_attention``: FlashAttention over
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -39,64 +38,6 @@ def _rows_block_table(plan: TreeVerificationPlan, block_table: torch.Tensor) -> 
     if plan.block_table is None:
         plan.block_table = block_table[plan.rows].to(torch.int32)
     return plan.block_table
-
-
-# Whether the prefix attention cuts each tree into sub-sequences that FA3 computes in 64-row tiles
-# (`vllm_longspec_kernels.prefix_split`): 5 x 64 instead of 3 x 128 query rows per KV head for a
-# 69-node tree at 4 query heads per KV head. Off until timed on a GPU. LONGSPEC_PREFIX_QUERY_SPLIT:
-# 1 = where it saves rows, force = wherever the 64-row tile applies (tests, measurements), 0 = off.
-DEFAULT_PREFIX_QUERY_SPLIT = "0"
-
-
-def prefix_query_split_mode() -> str:
-    """``"0"``, ``"1"`` or ``"force"`` (see `DEFAULT_PREFIX_QUERY_SPLIT`)."""
-    mode = os.environ.get("LONGSPEC_PREFIX_QUERY_SPLIT", DEFAULT_PREFIX_QUERY_SPLIT)
-    if mode not in ("0", "1", "force"):
-        raise ValueError(f"LONGSPEC_PREFIX_QUERY_SPLIT must be 0, 1 or force, got {mode!r}")
-    return mode
-
-
-def prefix_query_split(owner: Any, cu_seqlens: torch.Tensor, prefix_lens: torch.Tensor,
-                       block_table: torch.Tensor, max_seqlen_q: int, num_heads: int,
-                       num_kv_heads: int, head_size: int) -> Any:
-    """The step's prefix sub-sequences (a ``PrefixQuerySplit``), or None where they would not
-    shrink FA3's work: split off, not FA3, or no query rows saved (``fa_one_warpgroup_chunk``).
-    Built once per step (`step_cached`)."""
-    mode = prefix_query_split_mode()
-    if not cu_seqlens.is_cuda or mode == "0":
-        return None
-    from vllm_longspec_kernels import (
-        default_fa_version,
-        fa_one_warpgroup_chunk,
-        flash_attn_available,
-        split_prefix_queries,
-    )
-
-    chunk = fa_one_warpgroup_chunk(num_heads, num_kv_heads, max_seqlen_q, head_size,
-                                   require_saving=mode != "force")
-    if not chunk or not flash_attn_available() or \
-            default_fa_version(cu_seqlens.device.index or 0) != 3:
-        return None
-    return step_cached(owner, "prefix_split", lambda: split_prefix_queries(
-        cu_seqlens, prefix_lens, block_table, chunk=chunk, max_seqlen_q=max_seqlen_q))
-
-
-def step_cached(owner: Any, name: str, build: Callable[[], Any]) -> Any:
-    """``build()`` once per step: kept on ``owner`` (the step's plan, or the attention metadata
-    that every layer of a forward shares), so the layers after the first reuse it.
-
-    A value built outside a CUDA-graph capture is not reused inside one, nor the other way round:
-    a warm-up forward may share its metadata with the capture, and the capture must record the
-    computation that its replays redo.
-    """
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    attr = f"_longspec_{name}"
-    cached = getattr(owner, attr, None)
-    if cached is not None and cached[0] == capturing:
-        return cached[1]
-    value = build()
-    setattr(owner, attr, (capturing, value))
-    return value
 
 
 def _kv_views(kv_cache: torch.Tensor, head_size: int, layer: Any
@@ -135,15 +76,12 @@ def tree_rows_attention(plan: TreeVerificationPlan, layer: Any, query: torch.Ten
     v = value.view(value.shape[0], num_kv_heads, head_size)[rows]
     k_cache, v_cache = _kv_views(kv_cache, head_size, layer)
     on_gpu = q.is_cuda
-    table = _rows_block_table(plan, block_table)
-    split = prefix_query_split(plan, plan.cu_seqlens, plan.prefix_lens, table, plan.max_nodes,
-                               num_heads, num_kv_heads, head_size)
     return hybrid_tree_attention(
-        q, k_cache, v_cache, table, plan.prefix_lens, k, v,
+        q, k_cache, v_cache, _rows_block_table(plan, block_table), plan.prefix_lens, k, v,
         plan.cu_seqlens, _tree_mask(plan), scale, max_seqlen_q=plan.max_nodes,
         max_prefix_len=plan.max_prefix_len, out=out,
         prefix_backend="auto" if on_gpu else "torch",
-        tree_backend="auto" if on_gpu else "torch", prefix_split=split)
+        tree_backend="auto" if on_gpu else "torch")
 
 
 @dataclass
@@ -205,14 +143,12 @@ def captured_tree_attention(graphs: FullGraphTreeMasks, layer: Any, query: torch
     v = value.view(value.shape[0], hk, d)[:total]
     k_cache, v_cache = _kv_views(kv_cache, d, layer)
     prefix_lens = (attn_metadata.seq_lens - graphs.query_len).clamp_min(0).to(torch.int32)
-    split = prefix_query_split(attn_metadata, attn_metadata.query_start_loc, prefix_lens,
-                               attn_metadata.block_table, graphs.query_len, hq, hk, d)
     out_view = output.view(output.shape[0], hq, d)
     hybrid_tree_attention(
         q, k_cache, v_cache, attn_metadata.block_table, prefix_lens, k, v,
         attn_metadata.query_start_loc, graphs.masks[:total], impl.scale,
         max_seqlen_q=graphs.query_len, max_prefix_len=graphs.max_model_len,
-        out=out_view[:total], prefix_split=split)
+        out=out_view[:total])
     return output
 
 
