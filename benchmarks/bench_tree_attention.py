@@ -302,15 +302,15 @@ def build_methods(cache: PagedBatch, tree: dict, num_nodes: int, args) -> dict:
                                                          out=out, prefix_config=triton_cfg),
         "hybrid_unfused": lambda: K.hybrid_tree_attention(**common, out=out, fuse_merge=False,
                                                           fa_num_splits=0),
-        "hybrid_split": lambda: K.hybrid_tree_attention(**common, out=out, prefix_split=split),
         "tree": lambda: K.tree_attention(tree["q"], tree["tree_k"], tree["tree_v"],
                                          tree["cu_seqlens"], tree["tree_mask"], scale,
                                          max_seqlen=num_nodes, autotune=args.autotune),
         "triton_prefix": lambda: K.paged_prefix_attention(
             *prefix_args, max_seqlen_q=num_nodes, max_prefix_len=ctx, config=triton_cfg),
     }
-    if split is None:
-        del methods["hybrid_split"]
+    if split is not None:
+        methods["hybrid_split"] = lambda: K.hybrid_tree_attention(**common, out=out,
+                                                                  prefix_split=split)
     if not has_fa:
         return methods
     from vllm.vllm_flash_attn import flash_attn_varlen_func
@@ -444,15 +444,14 @@ def run_check(device: str, fa_version: int | None) -> bool:
             (True, "flash", 3, None), (True, "triton", None, None), (False, "triton", None, None),
             (True, "triton", None, K.PrefixAttnConfig(64, 64, 4, 3, 5)),
             (True, "triton", None, K.PrefixAttnConfig(16, 128, 4, 3, 1))]
-        chunk = K.fa_one_warpgroup_chunk(hq, hk, max(sizes), d) or 64 // (hq // hk)
-        split = K.split_prefix_queries(args["cu_seqlens"], args["prefix_lens"], table,
-                                       chunk=chunk, max_seqlen_q=max(sizes))
-        variants += [(True, "flash", None, split), (True, "triton", None, split)]
-        for fuse, backend, splits, pcfg in variants:
+        # Any chunk checks the split path; 16 puts 4 query heads per KV head on FA3's 64-row tile.
+        split = K.split_prefix_queries(args["cu_seqlens"], args["prefix_lens"], table, chunk=16,
+                                       max_seqlen_q=max(sizes))
+        variants = [v + (None,) for v in variants] + [(True, "flash", None, None, split),
+                                                      (True, "triton", None, None, split)]
+        for fuse, backend, splits, pcfg, seqs in variants:
             if backend == "flash" and not K.flash_attn_available():
                 backend = "torch"
-            seqs = pcfg if isinstance(pcfg, K.PrefixQuerySplit) else None
-            pcfg = None if seqs else pcfg
             out = torch.full_like(args["q"], float("nan"))
             out, lse = K.hybrid_tree_attention(**args, out=out, return_lse=True, fuse_merge=fuse,
                                                fa_version=fa_version, prefix_backend=backend,

@@ -2,10 +2,10 @@
 
 vLLM's FlashAttention-3 (Hopper) packs the query heads that share a KV head into the rows of its M
 tile, and picks one tile height for the whole launch from ``max_seqlen_q``: 64 rows (one MMA
-warpgroup) when ``max_seqlen_q * Hq / Hk <= 64``, else 128 rows (head dim 128; 192 at 64). LongSpec's 69-node tree at 4
-query heads per KV head is 276 rows, 3 tiles of 128: 384 rows of MMA work, and the prefix attention
-is compute-bound there at long context. The same queries as sub-sequences of at most 16 that share
-the request's pages are 5 tiles of 64: 320 rows.
+warpgroup) when ``max_seqlen_q * Hq / Hk <= 64``, else 128 rows (head dim 128; 192 at 64).
+LongSpec's 69-node tree at 4 query heads per KV head is 276 rows, 3 tiles of 128: 384 rows of MMA
+work, and the prefix attention is compute-bound there at long context. The same queries as
+sub-sequences of at most 16 that share the request's pages are 5 tiles of 64: 320 rows.
 
 The prefix has no mask, so a query's prefix attention does not depend on which sub-sequence it
 sits in; outputs and LSEs keep their rows (``cu_seqlens`` only cuts the same ``q`` differently).

@@ -81,8 +81,9 @@ def test_self_check_passes_and_fails(kit, monkeypatch, caplog):
     device = torch.device(kit.device)
     # vLLM's logging config stops "vllm" loggers from propagating: listen on the logger itself
     plugin_logger = logging.getLogger("vllm.longspec")
-    plugin_logger.addHandler(caplog.handler)
-    monkeypatch.setattr(plugin_logger, "propagate", False)  # restored afterwards; no duplicates
+    # both restored at teardown, also when an assertion fails; no duplicate records
+    monkeypatch.setattr(plugin_logger, "handlers", [*plugin_logger.handlers, caplog.handler])
+    monkeypatch.setattr(plugin_logger, "propagate", False)
     with caplog.at_level(logging.INFO, logger="vllm.longspec"):
         assert fused_topk_works((2, 3), device, chunk=64, vocab=20)
     assert "self-check passed for widths [2, 3]" in caplog.text
@@ -97,4 +98,3 @@ def test_self_check_passes_and_fails(kit, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="vllm.longspec"):
         assert not fused_topk_works((2,), device, chunk=64, vocab=20)
     assert "disagrees with torch.topk" in caplog.text
-    plugin_logger.removeHandler(caplog.handler)

@@ -47,6 +47,16 @@ def test_hint_names_both_trees_and_their_tiles():
     assert tile_hint((4, 16, 16, 16, 11), 4) is None
 
 
+def test_head_dims_up_to_96_have_192_row_tiles():
+    # SmolLM2-135M (head dim 64, 3 query heads per KV head): 69 nodes = 207 rows, two 192-row
+    # tiles; 64 nodes fill one. At 128-row tiles the same tree would drop too many nodes.
+    assert tile_filling_widths(LONGSPEC_TREE, 3, tile_rows=192) == (4, 16, 16, 16, 11)
+    assert tile_filling_widths(LONGSPEC_TREE, 3) is None
+    # Two query heads per KV head: 138 rows fit one 192-row tile, nothing to trim.
+    assert tile_hint(LONGSPEC_TREE, 2, tile_rows=192) is None
+    assert "2 tiles of 192 rows" in tile_hint(LONGSPEC_TREE, 3, tile_rows=192)
+
+
 def test_plugin_loggers_sit_under_vllms_logger():
     """vLLM configures the "vllm" logger (handler, format, VLLM_LOGGING_LEVEL); the plugin's
     INFO lines only reach a user's log if its loggers are children of it."""

@@ -96,9 +96,12 @@ class LongSpecDrafter:
 
     def _log_tile_hint(self) -> None:
         """Suggests a tree that fills FlashAttention-3's query tiles (`tree_tiles`). The draft's
-        head counts are the target's (`check_draft_fits_target`)."""
+        head counts and head dim are the target's (`check_draft_fits_target`)."""
+        from vllm_longspec_kernels.prefix_split import fa3_two_warpgroup_rows
+
         hint = tile_hint(tuple(self.widths),
-                         max(1, self.arch.num_attention_heads // self.arch.num_key_value_heads))
+                         max(1, self.arch.num_attention_heads // self.arch.num_key_value_heads),
+                         fa3_two_warpgroup_rows(self.arch.head_dim))
         if hint is not None:
             logger.info(hint)
 
