@@ -14,10 +14,15 @@ nodes) it times, median over many runs (triton.testing.do_bench, L2 flushed betw
                   tile (split_prefix_queries; only where fa_one_warpgroup_chunk says it saves rows,
                   e.g. 69 nodes: 5 x 64 rows instead of 3 x 128; the split is computed once
                   outside the timing, as a step does once for all layers)
+  hybrid_pgN      with --alt-block-sizes N: the hybrid over the same tokens in pages of N (FA3
+                  reads pages that are a multiple of its key tile through TMA -- not in vLLM
+                  0.26's build, measured: the outputs are bit-identical); pgN_max_diff is the
+                  largest difference to the hybrid over pages of 16
   tree            the Triton tree kernel alone (the tree part's cost)
   fa_prefix       (a) FlashAttention over the prefix alone, return_softmax_lse=True (num_splits=0)
   fa_prefix_tuned FA3 over the prefix with fa_num_splits_heuristic's num_splits
   fa_prefix_split FA3 over the prefix with hybrid_split's sub-sequences
+  fa_prefix_pgN   FA3 over the prefix in pages of N (--alt-block-sizes)
   triton_prefix   paged_prefix_attention alone (heuristic config)
   fa_causal       FlashAttention over prefix + the same number of tokens as a causal chain
                   (what verifying a chain of that length costs; no tree mask)
@@ -57,6 +62,7 @@ Writes a table to stdout, bench_tree_attention.json and bench_tree_attention.png
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -131,21 +137,47 @@ class PagedBatch:
     batch: int
     room: int                        # tokens per request the cache can hold past the prefix
     extra: dict = field(default_factory=dict)
+    block_size: int = BLOCK_SIZE
 
 
-def make_cache(batch: int, context: int, room: int, device: str, seed: int) -> PagedBatch:
-    blocks_per_req = math.ceil((context + room) / BLOCK_SIZE)
+def _empty_paged(batch: int, tokens: int, block_size: int, device: str, seed: int):
+    blocks_per_req = math.ceil(tokens / block_size)
     num_blocks = batch * blocks_per_req
     gen = torch.Generator(device=device).manual_seed(seed)
     # vLLM 0.26 FlashAttention allocation: physical [blocks, block_size, heads, 2D], handed to the
     # backend as the logical (blocks, heads, block_size, 2D) permuted view.
-    phys = torch.empty(num_blocks, BLOCK_SIZE, HK, 2 * HEAD_DIM, dtype=DTYPE, device=device)
-    phys.normal_(generator=gen)
+    phys = torch.empty(num_blocks, block_size, HK, 2 * HEAD_DIM, dtype=DTYPE, device=device)
     kv = phys.permute(0, 2, 1, 3)
-    k_cache, v_cache = K.split_kv_cache(kv, "flash")
     perm = torch.randperm(num_blocks, generator=gen, device=device).to(torch.int32)
-    block_table = perm.view(batch, blocks_per_req).contiguous()
-    return PagedBatch(kv, k_cache, v_cache, block_table, context, batch, room)
+    return phys, kv, perm.view(batch, blocks_per_req).contiguous(), gen
+
+
+def make_cache(batch: int, context: int, room: int, device: str, seed: int,
+               block_size: int = BLOCK_SIZE) -> PagedBatch:
+    phys, kv, block_table, gen = _empty_paged(batch, context + room, block_size, device, seed)
+    phys.normal_(generator=gen)
+    k_cache, v_cache = K.split_kv_cache(kv, "flash")
+    return PagedBatch(kv, k_cache, v_cache, block_table, context, batch, room,
+                      block_size=block_size)
+
+
+def repage(cache: PagedBatch, block_size: int, seed: int = 0) -> PagedBatch:
+    """The same tokens' K and V in pages of ``block_size`` (a fresh random page order).
+
+    FA3 reads a paged cache through TMA only when the page size is a multiple of its key tile
+    (176 keys at head dim 128, non-causal) and the packed query rows exceed one query tile
+    (``get_pagedkv_tma``); vLLM's default 16-token pages always take the cp.async gather path."""
+    tokens = cache.context + cache.room
+    phys, kv, table, _ = _empty_paged(cache.batch, tokens, block_size, cache.kv.device, seed)
+    k_new, v_new = K.split_kv_cache(kv, "flash")
+    pos = torch.arange(tokens, device=cache.kv.device)
+    for r in range(cache.batch):
+        old_blocks = cache.block_table[r].long()[pos // cache.block_size]
+        new_blocks = table[r].long()[pos // block_size]
+        k_new[new_blocks, pos % block_size] = cache.k_cache[old_blocks, pos % cache.block_size]
+        v_new[new_blocks, pos % block_size] = cache.v_cache[old_blocks, pos % cache.block_size]
+    return PagedBatch(kv, k_new, v_new, table, cache.context, cache.batch, cache.room,
+                      block_size=block_size)
 
 
 def make_tree_inputs(batch: int, num_nodes: int, device: str, seed: int) -> dict:
@@ -272,7 +304,11 @@ def sdpa_bytes(batch: int, context: int, num_nodes: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_methods(cache: PagedBatch, tree: dict, num_nodes: int, args) -> dict:
+def build_methods(cache: PagedBatch, tree: dict, num_nodes: int, args,
+                  alts: tuple[PagedBatch, ...] = ()) -> dict:
+    """Timed methods by name; each of ``alts`` (the same tokens in pages of another size N,
+    ``repage``) adds ``hybrid_pg{N}`` and ``fa_prefix_pg{N}`` over it, and ``_alt_outputs``
+    lists (N, default output, output over pages of N) for the max-diff check."""
     b, ctx = cache.batch, cache.context
     device = tree["q"].device
     prefix_lens = torch.full((b,), ctx, dtype=torch.int32, device=device)
@@ -311,6 +347,14 @@ def build_methods(cache: PagedBatch, tree: dict, num_nodes: int, args) -> dict:
     if split is not None:
         methods["hybrid_split"] = lambda: K.hybrid_tree_attention(**common, out=out,
                                                                   prefix_split=split)
+    methods["_alt_outputs"] = []
+    for alt in alts:
+        common_alt = dict(common, prefix_k_cache=alt.k_cache, prefix_v_cache=alt.v_cache,
+                          block_table=alt.block_table)
+        out_alt = torch.empty_like(tree["q"])
+        methods[f"hybrid_pg{alt.block_size}"] = functools.partial(
+            K.hybrid_tree_attention, **common_alt, out=out_alt, fuse_merge=True, fa_num_splits=0)
+        methods["_alt_outputs"].append((alt.block_size, out, out_alt))
     if not has_fa:
         return methods
     from vllm.vllm_flash_attn import flash_attn_varlen_func
@@ -318,17 +362,19 @@ def build_methods(cache: PagedBatch, tree: dict, num_nodes: int, args) -> dict:
     fa_version = args.fa_version or K.default_fa_version(device.index or 0)
     chain_lens = torch.full((b,), ctx + num_nodes, dtype=torch.int32, device=device)
 
-    def fa(seqused, max_k, causal, num_splits=0, seqs=None):
+    def fa(seqused, max_k, causal, num_splits=0, seqs=None, paged=cache):
         extra = {"num_splits": num_splits} if num_splits and fa_version == 3 else {}
         cu_q, max_q, table = ((seqs.cu_seqlens, seqs.max_seqlen_q, seqs.block_table) if seqs
-                              else (tree["cu_seqlens"], num_nodes, cache.block_table))
+                              else (tree["cu_seqlens"], num_nodes, paged.block_table))
         return lambda: flash_attn_varlen_func(
-            q=tree["q"], k=cache.k_cache, v=cache.v_cache, max_seqlen_q=max_q,
+            q=tree["q"], k=paged.k_cache, v=paged.v_cache, max_seqlen_q=max_q,
             cu_seqlens_q=cu_q, max_seqlen_k=max_k, seqused_k=seqused,
             block_table=table, softmax_scale=scale, causal=causal,
             return_softmax_lse=True, fa_version=fa_version, **extra)
 
     methods["fa_prefix"] = fa(prefix_lens, ctx, False)
+    for alt in alts:
+        methods[f"fa_prefix_pg{alt.block_size}"] = fa(prefix_lens, ctx, False, paged=alt)
     if split is not None:
         methods["fa_prefix_split"] = fa(split.prefix_lens, ctx, False, seqs=split)
     methods["fa_prefix_tuned"] = fa(prefix_lens, ctx, False, fa_splits)
@@ -377,11 +423,11 @@ def build_sdpa(cache: PagedBatch, tree: dict, num_nodes: int):
     pos = torch.arange(ctx, device=device)
     ks, vs = [], []
     for r in range(b):
-        blocks = cache.block_table[r].long()[pos // BLOCK_SIZE]
+        blocks = cache.block_table[r].long()[pos // cache.block_size]
         tk = tree["tree_k"][r * num_nodes:(r + 1) * num_nodes]
         tv = tree["tree_v"][r * num_nodes:(r + 1) * num_nodes]
-        ks.append(torch.cat([cache.k_cache[blocks, pos % BLOCK_SIZE], tk]))
-        vs.append(torch.cat([cache.v_cache[blocks, pos % BLOCK_SIZE], tv]))
+        ks.append(torch.cat([cache.k_cache[blocks, pos % cache.block_size], tk]))
+        vs.append(torch.cat([cache.v_cache[blocks, pos % cache.block_size], tv]))
     # [B, HQ, L + n, D]
     k = torch.stack(ks).transpose(1, 2).repeat_interleave(HQ // HK, 1).contiguous()
     v = torch.stack(vs).transpose(1, 2).repeat_interleave(HQ // HK, 1).contiguous()
@@ -399,10 +445,13 @@ def build_sdpa(cache: PagedBatch, tree: dict, num_nodes: int):
 # ---------------------------------------------------------------------------------------------
 
 
-def run_check(device: str, fa_version: int | None) -> bool:
-    """Hybrid (FlashAttention prefix + Triton tree), merge and compaction vs torch references."""
+def run_check(device: str, fa_version: int | None, alt_block_sizes: list[int] = ()) -> bool:
+    """Hybrid (FlashAttention prefix + Triton tree), merge and compaction vs torch references;
+    every case is checked again in pages of each of ``alt_block_sizes`` (the fused FA3 and
+    Triton prefix variants)."""
     ok = True
     rng = random.Random(0)
+    page_sizes = [BLOCK_SIZE, *alt_block_sizes]
     cases = [  # (Hq, Hk, D, dtype, prefix lens, tree sizes)
         (32, 8, 128, torch.bfloat16, [0, 1000, 37, 2048], [69, 1, 16, 128]),
         (32, 8, 128, torch.bfloat16, [3000, 17], [40, 69]),
@@ -410,14 +459,15 @@ def run_check(device: str, fa_version: int | None) -> bool:
         (16, 16, 256, torch.bfloat16, [300, 129], [7, 69]),
     ]
     tol = {torch.bfloat16: (3e-2, 2e-2), torch.float16: (5e-3, 2e-3)}
-    for ci, (hq, hk, d, dtype, plens, sizes) in enumerate(cases):
+    for ci, (hq, hk, d, dtype, plens, sizes), page in (
+            (ci, case, page) for ci, case in enumerate(cases) for page in page_sizes):
         gen = torch.Generator(device=device).manual_seed(ci)
         parents = [tree_parents(n, rng) if ci % 2 == 0 or n < 40 else list(range(-1, n - 1))
                    for n in sizes]
         total = sum(sizes)
-        nblk = [math.ceil(p / BLOCK_SIZE) for p in plens]
+        nblk = [math.ceil(p / page) for p in plens]
         num_blocks = sum(nblk) + 2
-        phys = torch.randn(num_blocks, BLOCK_SIZE, hk, 2 * d, generator=gen, device=device,
+        phys = torch.randn(num_blocks, page, hk, 2 * d, generator=gen, device=device,
                            dtype=torch.float32).to(dtype)
         k_cache, v_cache = K.split_kv_cache(phys.permute(0, 2, 1, 3), "flash")
         perm = torch.randperm(num_blocks, generator=gen, device=device).to(torch.int32)
@@ -449,6 +499,8 @@ def run_check(device: str, fa_version: int | None) -> bool:
                                        max_seqlen_q=max(sizes))
         variants = [v + (None,) for v in variants] + [(True, "flash", None, None, split),
                                                       (True, "triton", None, None, split)]
+        if page != BLOCK_SIZE:
+            variants = [(True, "flash", None, None, None), (True, "triton", None, None, None)]
         for fuse, backend, splits, pcfg, seqs in variants:
             if backend == "flash" and not K.flash_attn_available():
                 backend = "torch"
@@ -462,7 +514,8 @@ def run_check(device: str, fa_version: int | None) -> bool:
             finite = bool(torch.isfinite(out).all() and torch.isfinite(lse).all())
             passed = finite and err <= tol[dtype][0] and lse_err <= tol[dtype][1]
             ok &= passed
-            what = f"prefix={backend}" + (f" splits={splits}" if splits else "") + (
+            what = f"pages of {page}, prefix={backend}" + (
+                f" splits={splits}" if splits else "") + (
                 f" cfg={pcfg.short()}" if pcfg else "") + (
                 f" query chunks of {seqs.max_seqlen_q}" if seqs else "")
             print(f"check hybrid case {ci} Hq={hq} Hk={hk} D={d} {str(dtype)[6:]} fuse={fuse} "
@@ -507,9 +560,6 @@ def run_check(device: str, fa_version: int | None) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-METHODS = ["hybrid", "hybrid_fa_tuned", "hybrid_triton", "hybrid_unfused", "hybrid_split", "tree",
-           "fa_prefix", "fa_prefix_tuned", "fa_prefix_split", "triton_prefix", "fa_causal",
-           "sdpa_masked"]
 TABLE = ["hybrid_ms", "hybrid_fa_tuned_ms", "hybrid_triton_ms", "hybrid_split_ms", "fa_prefix_ms",
          "fa_prefix_tuned_ms", "fa_prefix_split_ms", "triton_prefix_ms", "fa_prefix_best_ms",
          "triton_prefix_best_ms", "sdpa_masked_ms", "hbm_floor_ms", "roofline_floor_ms",
@@ -542,6 +592,14 @@ def add_ratios(row: dict) -> None:
                            "fa_prefix_ms")):
         if isinstance(row.get(num), float) and isinstance(row.get(den), float):
             row[key] = row[num] / row[den]
+    for pg in sorted(k[len("hybrid_pg"):-3] for k in row
+                     if k.startswith("hybrid_pg") and k.endswith("_ms")):
+        for key, num, den in ((f"hybrid_pg{pg}/hybrid", f"hybrid_pg{pg}_ms", "hybrid_ms"),
+                              (f"sdpa/hybrid_pg{pg}", "sdpa_masked_ms", f"hybrid_pg{pg}_ms"),
+                              (f"fa_prefix_pg{pg}/fa_prefix", f"fa_prefix_pg{pg}_ms",
+                               "fa_prefix_ms")):
+            if isinstance(row.get(num), float) and isinstance(row.get(den), float):
+                row[key] = row[num] / row[den]
 
 
 def fmt(v) -> str:
@@ -549,7 +607,9 @@ def fmt(v) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = ["batch", "context", "tree"] + [c for c in TABLE if any(c in r for r in rows)]
+    paged = sorted({c for r in rows for c in r if c.startswith(("hybrid_pg", "fa_prefix_pg",
+                                                                   "sdpa/hybrid_pg", "pg"))})
+    cols = ["batch", "context", "tree"] + [c for c in TABLE if any(c in r for r in rows)] + paged
     widths = [max(len(c.replace("_ms", "")), 7) for c in cols]
     print("times in ms; hybrid = the default (FA3 prefix, its own num_splits); *_best = fastest "
           "swept setting; floor = HBM floor; roofline = max(HBM, compute floor)")
@@ -581,6 +641,9 @@ def plot(rows: list[dict], path: str) -> bool:
             for key, style, label in (("hybrid_ms", "-o", f"hybrid, {t} nodes"),
                                       ("hybrid_triton_ms", "-.", None),
                                       ("hybrid_split_ms", "-s", None),
+                                      *((k, "-^", None) for k in sorted(
+                                          {c for r in sel for c in r if c.startswith("hybrid_pg")
+                                           and c.endswith("_ms")})),
                                       ("fa_prefix_ms", "--", None),
                                       ("sdpa_masked_ms", ":x", None)):
                 pts = [(x, r[key]) for x, r in zip(xs, sel) if isinstance(r.get(key), float)]
@@ -595,7 +658,7 @@ def plot(rows: list[dict], path: str) -> bool:
         ax.set_ylabel("ms per layer")
         ax.set_title(f"batch {b}: solid hybrid (FA3 prefix), -s- with 64-row query tiles, "
                      "dash-dot hybrid (Triton prefix),\ndashed FA3 prefix alone, dotted x masked "
-                     "SDPA", fontsize=9)
+                     "SDPA; -^ hybrid over pages of --alt-block-sizes", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     for ax, b in zip(axes[1], batches):
@@ -707,6 +770,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force-prefix-split", action="store_true",
                         help="time hybrid_split/fa_prefix_split wherever FA3's 64-row tile "
                              "applies, also where it saves no rows (e.g. 64 nodes)")
+    parser.add_argument("--alt-block-sizes", type=int, nargs="+", default=[], metavar="N",
+                        help="also time the hybrid and FA3 prefix over the same tokens in pages of "
+                             "N (hybrid_pgN, fa_prefix_pgN; a multiple of FA3's key tile, e.g. "
+                             "176 at head dim 128, takes its TMA path) and report the largest "
+                             "output difference to the default pages (pgN_max_diff)")
     parser.add_argument("--fa-version", type=int, default=None)
     parser.add_argument("--replot", metavar="JSON", default=None,
                         help="only re-derive ratios, table and PNG of a saved result (no GPU)")
@@ -732,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
           f"tree tiles {'autotuned' if args.autotune else 'per shape (tree_config column)'}")
 
     if args.check or args.check_only:
-        ok = run_check(device, args.fa_version)
+        ok = run_check(device, args.fa_version, args.alt_block_sizes)
         print(f"correctness: {'ALL PASS' if ok else 'FAILURES'}")
         if args.check_only:
             return 0 if ok else 1
@@ -767,7 +835,7 @@ def main(argv: list[str] | None = None) -> int:
         tree_tiles="per shape: each row's tree_config (default_tree_attn_config)",
         autotune=args.autotune,
         shape=dict(num_q_heads=HQ, num_kv_heads=HK, head_dim=HEAD_DIM, dtype=str(DTYPE),
-                   block_size=BLOCK_SIZE),
+                   block_size=BLOCK_SIZE, alt_block_sizes=args.alt_block_sizes),
         hbm_bytes_per_s=hbm_bytes, peak_flops=PEAK_FLOPS,
         num_sms=K.num_sms() if device.startswith("cuda") else None,
         fa_splits_rule="fa_num_splits_heuristic (0 = FA3's own)",
@@ -793,6 +861,7 @@ def main(argv: list[str] | None = None) -> int:
         for ctx in args.contexts:
             try:
                 cache = make_cache(b, ctx, max(args.trees), device, seed=b * 7 + ctx)
+                alts = tuple(repage(cache, n, seed=b) for n in args.alt_block_sizes)
             except Exception as exc:  # noqa: BLE001
                 if not is_oom(exc):
                     raise
@@ -806,9 +875,14 @@ def main(argv: list[str] | None = None) -> int:
                            hbm_floor_ms=hbm_floor_ms(b, ctx, n, hbm_bytes),
                            compute_floor_ms=compute_floor_ms(b, ctx, n))
                 tree = make_tree_inputs(b, n, device, seed=n)
-                methods = build_methods(cache, tree, n, args)
+                methods = build_methods(cache, tree, n, args, alts=alts)
                 helpers = {k: methods.pop(k) for k in list(methods) if k.startswith("_")}
                 row.update(helpers.get("_settings", {}))
+                for page, base_out, alt_out in helpers["_alt_outputs"]:
+                    methods["hybrid"]()
+                    methods[f"hybrid_pg{page}"]()
+                    row[f"pg{page}_max_diff"] = (
+                        (base_out.float() - alt_out.float()).abs().max().item())
                 free = free_bytes(device)
                 if args.no_sdpa:
                     row["sdpa_masked_ms"] = "off"
@@ -842,7 +916,7 @@ def main(argv: list[str] | None = None) -> int:
                 del methods, tree
                 empty_cache()
                 bar.update(1)
-            del cache
+            del cache, alts
             empty_cache()
     bar.close()
 
