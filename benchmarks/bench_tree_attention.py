@@ -139,6 +139,11 @@ class PagedBatch:
     extra: dict = field(default_factory=dict)
     block_size: int = BLOCK_SIZE
 
+    def token_slots(self, request: int, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(page, offset) of request ``request``'s tokens at positions ``pos``, to index
+        ``k_cache``/``v_cache`` with."""
+        return self.block_table[request].long()[pos // self.block_size], pos % self.block_size
+
 
 def _empty_paged(batch: int, tokens: int, block_size: int, device: str, seed: int):
     blocks_per_req = math.ceil(tokens / block_size)
@@ -162,22 +167,19 @@ def make_cache(batch: int, context: int, room: int, device: str, seed: int,
 
 
 def repage(cache: PagedBatch, block_size: int, seed: int = 0) -> PagedBatch:
-    """The same tokens' K and V in pages of ``block_size`` (a fresh random page order).
-
-    FA3 reads a paged cache through TMA only when the page size is a multiple of its key tile
-    (176 keys at head dim 128, non-causal) and the packed query rows exceed one query tile
-    (``get_pagedkv_tma``); vLLM's default 16-token pages always take the cp.async gather path."""
+    """The same tokens' K and V in pages of ``block_size`` (a fresh random page order): FA3's
+    source reads pages that are a multiple of its key tile (176 at head dim 128) through TMA."""
     tokens = cache.context + cache.room
     phys, kv, table, _ = _empty_paged(cache.batch, tokens, block_size, cache.kv.device, seed)
     k_new, v_new = K.split_kv_cache(kv, "flash")
     pos = torch.arange(tokens, device=cache.kv.device)
+    new = PagedBatch(kv, k_new, v_new, table, cache.context, cache.batch, cache.room,
+                     block_size=block_size)
     for r in range(cache.batch):
-        old_blocks = cache.block_table[r].long()[pos // cache.block_size]
-        new_blocks = table[r].long()[pos // block_size]
-        k_new[new_blocks, pos % block_size] = cache.k_cache[old_blocks, pos % cache.block_size]
-        v_new[new_blocks, pos % block_size] = cache.v_cache[old_blocks, pos % cache.block_size]
-    return PagedBatch(kv, k_new, v_new, table, cache.context, cache.batch, cache.room,
-                      block_size=block_size)
+        old_slots, new_slots = cache.token_slots(r, pos), new.token_slots(r, pos)
+        k_new[new_slots] = cache.k_cache[old_slots]
+        v_new[new_slots] = cache.v_cache[old_slots]
+    return new
 
 
 def make_tree_inputs(batch: int, num_nodes: int, device: str, seed: int) -> dict:
@@ -423,11 +425,11 @@ def build_sdpa(cache: PagedBatch, tree: dict, num_nodes: int):
     pos = torch.arange(ctx, device=device)
     ks, vs = [], []
     for r in range(b):
-        blocks = cache.block_table[r].long()[pos // cache.block_size]
+        slots = cache.token_slots(r, pos)
         tk = tree["tree_k"][r * num_nodes:(r + 1) * num_nodes]
         tv = tree["tree_v"][r * num_nodes:(r + 1) * num_nodes]
-        ks.append(torch.cat([cache.k_cache[blocks, pos % cache.block_size], tk]))
-        vs.append(torch.cat([cache.v_cache[blocks, pos % cache.block_size], tv]))
+        ks.append(torch.cat([cache.k_cache[slots], tk]))
+        vs.append(torch.cat([cache.v_cache[slots], tv]))
     # [B, HQ, L + n, D]
     k = torch.stack(ks).transpose(1, 2).repeat_interleave(HQ // HK, 1).contiguous()
     v = torch.stack(vs).transpose(1, 2).repeat_interleave(HQ // HK, 1).contiguous()
